@@ -1,0 +1,211 @@
+"""One parameterised routing function for every MoE family, with interventions.
+
+Pipeline (per token):
+    logits -> (+ logit_bias, disabled experts -> -inf)
+           -> scores: softmax | sigmoid over all experts      (skipped by select_before_score rules)
+           -> choice = scores (+ correction_bias)             (select_before_score rules: choice = logits)
+           -> group-limited selection (n_group > 1): experts outside the best topk_group groups leave the choice
+           -> select: top-k | top-p prefix | the rank-r expert; forced experts take the last slots
+           -> weights: gather scores (select_before_score: score function over the selected logits only)
+           -> renormalise -> scale
+           -> (* multiplier, optionally back to the pre-multiplication total)
+           -> (dropped experts -> 0, optionally back to the pre-drop total)
+
+An expert is *eligible* when its choice score is finite: disabled experts and experts of unselected groups
+are not. A slot with no eligible expert left is empty: it holds index E (the sentinel transformers' experts
+implementations skip) and weight 0. Slots are ordered by descending choice score; forced experts come last,
+ordered among themselves by descending choice score before group limiting (they bypass group limiting).
+
+Three implementations share this contract: `reference` (clear, op by op; the ground truth), `torch_path`
+(the fast CPU path) and `triton_routing` (the fused kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Impl = Literal["auto", "reference", "torch", "triton"]
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """How a family routes. Built by the family adapters; see METHODS.md for each family's values."""
+
+    top_k: int
+    score: Literal["softmax", "sigmoid"]
+    select_before_score: bool = False  # GPT-OSS, Granite, Llama-4: top-k over raw logits, then score the k
+    renormalize: bool = False  # divide the selected weights by their sum (+1e-20, DeepSeek-V3's guard)
+    scaling: float = 1.0  # DeepSeek routed_scaling_factor
+    n_group: int = 1  # DeepSeek group-limited top-k
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"  # V2: max score per group; V3: sum of the top-2 choice scores
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensor fields make generated __eq__ ambiguous
+class RoutingControls:
+    """Per-layer intervention vectors, all optional; one launch covers any combination.
+
+    Vectors are [E] on the logits' device. `force` cannot be combined with `top_p` or `rank`.
+    """
+
+    logit_bias: Tensor | None = None  # [E] float, added to the logits
+    disable: Tensor | None = None  # [E] bool, reroute: excluded from choice, the next-best expert takes the slot
+    force: Tensor | None = None  # [E] bool, in the selected set, in the last slots; at most top_k
+    drop: Tensor | None = None  # [E] bool, still chosen, weight 0 after selection
+    drop_renormalize: bool = False  # rescale the remaining weights to the pre-drop total (MoTE switch-off)
+    multiplier: Tensor | None = None  # [E] float > 0, multiplies the selected weights (RICE)
+    multiplier_renormalize: bool = False  # rescale to the pre-multiplication total
+    top_p: float | None = None  # smallest choice-ordered prefix whose normalised-score mass exceeds p
+    top_p_max_k: int | None = None  # cap on the prefix length; default top_k
+    top_p_renormalize: bool = False  # replaces rule.renormalize under top_p (Dynamic-MoE: raw probabilities)
+    rank: int | None = None  # 1-based: only the rank-r expert, weight 1.0 (SCMoE weak pass)
+    token_mask: Tensor | None = None  # [T] bool, tokens the controls apply to; others routed as with no controls
+
+    @property
+    def selects(self) -> bool:
+        """Whether the controls change which experts are chosen (as opposed to only their weights)."""
+        return any(v is not None for v in (self.logit_bias, self.disable, self.force, self.top_p, self.rank))
+
+
+def num_slots(rule: RoutingRule, controls: RoutingControls | None) -> int:
+    """K, the width of `route`'s outputs: top_k, top_p_max_k under top_p, 1 under rank.
+
+    With a token_mask the unmasked tokens still need top_k slots, so K is at least top_k there.
+    """
+    if controls is None:
+        return rule.top_k
+    if controls.rank is not None:
+        k = 1
+    elif controls.top_p is not None:
+        k = controls.top_p_max_k or rule.top_k
+    else:
+        k = rule.top_k
+    return max(k, rule.top_k) if controls.token_mask is not None else k
+
+
+def route(
+    logits: Tensor,
+    rule: RoutingRule,
+    *,
+    correction_bias: Tensor | None = None,
+    controls: RoutingControls | None = None,
+    impl: Impl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Route tokens: logits [T, E] -> (weights [T, K] float32, indices [T, K] int64).
+
+    K is given by `num_slots`. Empty slots hold index E and weight 0. Slots are ordered by descending choice
+    score, forced experts last. With no controls the result equals the family's own router (indices exactly,
+    up to order where the family uses sorted=False top-k; weights to float tolerance).
+    `impl="auto"` runs the Triton kernel on CUDA tensors and the fast torch path otherwise.
+    Raises ValueError (bad values) or TypeError (bad dtypes) naming the offending input and its valid range.
+    """
+    validate(logits, rule, correction_bias, controls)
+    if impl == "auto":
+        impl = "triton" if logits.is_cuda else "torch"
+    if impl == "reference":
+        from .reference import route_reference as fn
+    elif impl == "torch":
+        from .torch_path import route_torch as fn
+    elif impl == "triton":
+        from .triton_routing import route_triton as fn
+    else:
+        raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'torch', 'triton'")
+    return fn(logits, rule, correction_bias=correction_bias, controls=controls)
+
+
+def validate(
+    logits: Tensor, rule: RoutingRule, correction_bias: Tensor | None, controls: RoutingControls | None
+) -> None:
+    """Check shapes, dtypes and values of `route`'s inputs; raise with what is wrong and how to fix it."""
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a float [T, E] tensor, got {logits.dtype} of shape {tuple(logits.shape)}; "
+            "flatten batch and sequence dimensions first"
+        )
+    num_tokens, num_experts = logits.shape
+    _validate_rule(rule, num_experts)
+    if correction_bias is not None:
+        if rule.select_before_score:
+            raise ValueError("correction_bias is only defined for score-first rules (select_before_score=False)")
+        _check_vector("correction_bias", correction_bias, num_experts, logits.device, float)
+    if controls is None:
+        return
+    c = controls
+    for name in ("logit_bias", "multiplier"):
+        _check_vector(name, getattr(c, name), num_experts, logits.device, float)
+    for name in ("disable", "force", "drop"):
+        _check_vector(name, getattr(c, name), num_experts, logits.device, bool)
+    _check_vector("token_mask", c.token_mask, num_tokens, logits.device, bool)
+
+    if c.disable is not None and bool(c.disable.all()):
+        raise ValueError(
+            f"disable masks all {num_experts} experts of the layer; leave at least one expert enabled"
+        )
+    if c.force is not None:
+        n_forced = int(c.force.sum())
+        if n_forced > rule.top_k:
+            raise ValueError(
+                f"force selects {n_forced} experts but the layer routes to top_k={rule.top_k}; "
+                f"force at most {rule.top_k} experts"
+            )
+        if c.disable is not None and bool((c.force & c.disable).any()):
+            both = (c.force & c.disable).nonzero().flatten().tolist()
+            raise ValueError(f"experts {both} are both forced and disabled; choose one of the two for each")
+        if c.top_p is not None or c.rank is not None:
+            raise ValueError("force cannot be combined with top_p or rank (their slot counts are per token)")
+    if c.multiplier is not None:
+        bad = ~(c.multiplier > 0) | ~torch.isfinite(c.multiplier)
+        if bool(bad.any()):
+            ids = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"multiplier must be finite and > 0, got {c.multiplier[bad].tolist()} for experts {ids}; "
+                "use drop to zero an expert's weight"
+            )
+    if c.top_p is not None and not 0.0 < c.top_p <= 1.0:
+        raise ValueError(f"top_p={c.top_p} is outside (0, 1]")
+    if c.top_p_max_k is not None and not 1 <= c.top_p_max_k <= num_experts:
+        raise ValueError(f"top_p_max_k={c.top_p_max_k} is outside [1, {num_experts}] (the number of experts)")
+    if c.rank is not None:
+        if c.top_p is not None:
+            raise ValueError("rank and top_p are alternative selections; set only one")
+        if not 1 <= c.rank <= num_experts:
+            raise ValueError(f"rank={c.rank} is outside [1, {num_experts}] (1-based, at most the number of experts)")
+
+
+def _validate_rule(rule: RoutingRule, num_experts: int) -> None:
+    if not 1 <= rule.top_k <= num_experts:
+        raise ValueError(f"rule.top_k={rule.top_k} is outside [1, {num_experts}] (the number of experts)")
+    if rule.score not in ("softmax", "sigmoid") or rule.group_score not in ("max", "top2_sum"):
+        raise ValueError(f"rule has an unknown score {rule.score!r} or group_score {rule.group_score!r}")
+    if rule.n_group < 1 or num_experts % rule.n_group:
+        raise ValueError(f"rule.n_group={rule.n_group} must be >= 1 and divide the {num_experts} experts")
+    if rule.n_group > 1:
+        if rule.select_before_score:
+            raise ValueError("group-limited selection (n_group > 1) needs a score-first rule")
+        if not 1 <= rule.topk_group <= rule.n_group:
+            raise ValueError(f"rule.topk_group={rule.topk_group} is outside [1, n_group={rule.n_group}]")
+        if rule.group_score == "top2_sum" and num_experts // rule.n_group < 2:
+            raise ValueError(f"group_score='top2_sum' needs groups of >= 2 experts, got {num_experts // rule.n_group}")
+        if rule.topk_group * (num_experts // rule.n_group) < rule.top_k:
+            raise ValueError(
+                f"rule.topk_group={rule.topk_group} groups of {num_experts // rule.n_group} experts "
+                f"cannot fill top_k={rule.top_k} slots"
+            )
+
+
+def _check_vector(name: str, v: Tensor | None, length: int, device: torch.device, kind: type) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor) or v.shape != (length,):
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({length},), got {shape}")
+    if kind is bool and v.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {v.dtype}; use a mask such as `ids == e`")
+    if kind is float and not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but the logits are on {device}; move it with .to(logits.device)")

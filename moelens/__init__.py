@@ -1,0 +1,49 @@
+"""moelens: look inside Mixture-of-Experts language models and steer them.
+
+``import moelens`` is cheap: torch, transformers and the rest load when a function needs them.
+
+Public entry points::
+
+    model, tokenizer = moelens.load("moelens-tiny")          # or "tiny:<family>", or a checkpoint dir
+    with moelens.trace(model, tokenizer=tokenizer) as tr:     # record routing decisions
+        model.generate(**batch, max_new_tokens=16)
+    tr.routes                                                  # one row per (prompt, position, layer, rank)
+    store = moelens.read_trace("runs/trace")                   # a store written by `moelens collect`
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved on first attribute access (PEP 562)
+_LAZY = {
+    "load": "moelens.loading",
+    "trace": "moelens.tracer",
+    "Tracer": "moelens.tracer",
+    "TraceError": "moelens.tracer",
+    "read_trace": "moelens.store",
+    "StoreError": "moelens.store",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:
+    from moelens.loading import load
+    from moelens.store import StoreError, read_trace
+    from moelens.tracer import TraceError, Tracer, trace
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moelens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,329 @@
+"""The trace store: one declared, versioned schema for routing data on disk.
+
+A store is a directory::
+
+    manifest.json            schema version, model, layout, collection arguments, intervention, shards
+    prompts/shard-NNNNNN.parquet   prompt_id, text, <tag columns>
+    tokens/shard-NNNNNN.parquet    prompt_id, position, token_id, token, generated
+    routes/shard-NNNNNN.parquet    prompt_id, position, layer, rank, expert, weight
+    logits/shard-NNNNNN.parquet    prompt_id, position, layer, logits   (only with full logits)
+    shards/shard-NNNNNN.json       completion marker, written last
+
+``routes`` is long format, one row per (prompt, position, layer, rank); ``rank`` 0 is the
+highest-weighted expert, ``weight`` is what the model multiplied the expert's output by. A shard
+counts only once its marker exists: every Parquet file is written under a temporary name and
+renamed when complete, and the marker is renamed into place after all of them, so a killed writer
+leaves nothing that a reader or ``--resume`` mistakes for data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TABLES = ("prompts", "tokens", "routes", "logits")
+MANIFEST = "manifest.json"
+
+
+class StoreError(RuntimeError):
+    """A store on disk is missing, corrupt, or incompatible with what was asked of it."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The sizes that fix the store's column types (smallest integer types that fit)."""
+
+    num_layers: int  # decoder layers, dense ones included (layer ids keep the model's numbering)
+    num_experts: int
+    top_k: int
+    max_positions: int  # an upper bound on prompt + generated length
+    prompt_id_type: str = "uint32"  # "uint32" for row numbers and integer ids, "string" otherwise
+
+    def routes_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.schema(
+            [
+                ("prompt_id", self._prompt_id()),
+                ("position", _uint_for(self.max_positions)),
+                ("layer", _uint_for(self.num_layers)),
+                ("rank", _uint_for(max(self.top_k, 1))),
+                ("expert", _uint_for(self.num_experts + 1)),
+                ("weight", pa.float16()),
+            ]
+        )
+
+    def tokens_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.schema(
+            [
+                ("prompt_id", self._prompt_id()),
+                ("position", _uint_for(self.max_positions)),
+                ("token_id", pa.uint32()),
+                ("token", pa.string()),
+                ("generated", pa.bool_()),
+            ]
+        )
+
+    def logits_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.schema(
+            [
+                ("prompt_id", self._prompt_id()),
+                ("position", _uint_for(self.max_positions)),
+                ("layer", _uint_for(self.num_layers)),
+                ("logits", pa.list_(pa.float16(), self.num_experts)),
+            ]
+        )
+
+    def _prompt_id(self) -> pa.DataType:
+        import pyarrow as pa
+
+        return pa.string() if self.prompt_id_type == "string" else pa.uint32()
+
+
+def _uint_for(bound: int) -> pa.DataType:
+    """The smallest unsigned integer type holding every value in ``range(bound)``."""
+    import pyarrow as pa
+
+    for bits, dtype in ((8, pa.uint8()), (16, pa.uint16()), (32, pa.uint32())):
+        if bound <= 2**bits:
+            return dtype
+    return pa.uint64()
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` holds. ``shards`` lists the finished shards (filled in on close)."""
+
+    model: str
+    config_hash: str
+    family: str
+    layout: StoreLayout
+    moe_layers: list[int]
+    moelens_version: str
+    transformers_version: str
+    collection: dict[str, Any] = field(default_factory=dict)
+    intervention: dict[str, Any] | None = None
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    schema_version: int = SCHEMA_VERSION
+    shards: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        data = json.loads(text)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{where}: store schema version {version}, this moelens reads version {SCHEMA_VERSION}. "
+                "Re-collect the trace or use the moelens version that wrote it."
+            )
+        data["layout"] = StoreLayout(**data["layout"])
+        return cls(**data)
+
+    def identity(self) -> tuple[Any, ...]:
+        """What must match for two runs to write into the same store."""
+        return (self.model, self.config_hash, self.family, self.layout, self.intervention)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    _write_atomic(root / MANIFEST, lambda tmp: tmp.write_text(manifest.to_json()))
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{root} is not a moelens trace store: it has no {MANIFEST}.")
+    return Manifest.from_json(path.read_text(), path)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def _parquet_options(table_name: str) -> dict[str, Any]:
+    # Routing weights are near-continuous float16: splitting their bytes into streams lets zstd
+    # compress the exponent bytes; ids and ranks are long runs that dictionary/RLE encodes to ~nothing.
+    options: dict[str, Any] = dict(compression="zstd", compression_level=6, row_group_size=1 << 20)
+    if table_name == "routes":
+        options.update(use_dictionary=["prompt_id", "position", "layer", "rank", "expert"], column_encoding={"weight": "BYTE_STREAM_SPLIT"})
+    return options
+
+
+def write_shard(root: Path, index: int, tables: Mapping[str, pa.Table]) -> dict[str, int]:
+    """Write one shard's tables, then its completion marker. Returns rows per table."""
+    import pyarrow.parquet as pq
+
+    name = shard_name(index)
+    rows = {}
+    for table_name, table in tables.items():
+        folder = root / table_name
+        folder.mkdir(exist_ok=True)
+        _write_atomic(folder / f"{name}.parquet", lambda tmp, t=table, n=table_name: pq.write_table(t, tmp, **_parquet_options(n)))
+        rows[table_name] = table.num_rows
+    markers = root / "shards"
+    markers.mkdir(exist_ok=True)
+    _write_atomic(markers / f"{name}.json", lambda tmp: tmp.write_text(json.dumps({"shard": name, "rows": rows})))
+    return rows
+
+
+def finished_shards(root: Path) -> list[str]:
+    """Names of the shards whose completion marker exists, sorted."""
+    markers = Path(root) / "shards"
+    return sorted(p.stem for p in markers.glob("shard-*.json")) if markers.is_dir() else []
+
+
+def verify_shard(root: Path, name: str) -> str | None:
+    """Why the finished shard ``name`` is unreadable or incomplete, or ``None`` if it is sound."""
+    import pyarrow.parquet as pq
+
+    try:
+        expected = json.loads((root / "shards" / f"{name}.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"marker unreadable ({error})"
+    for table_name, rows in expected.items():
+        path = root / table_name / f"{name}.parquet"
+        try:
+            found = pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:  # pyarrow raises several types for truncated or garbled files
+            return f"{path.relative_to(root)} unreadable ({error})"
+        if found != rows:
+            return f"{path.relative_to(root)} has {found} rows, its marker says {rows}"
+    return None
+
+
+def remove_shard(root: Path, name: str, *, quarantine: bool) -> None:
+    """Take shard ``name`` out of the store (marker first); keep its files under ``quarantine/``."""
+    (root / "shards" / f"{name}.json").unlink(missing_ok=True)
+    for table_name in TABLES:
+        path = root / table_name / f"{name}.parquet"
+        if not path.exists():
+            continue
+        if quarantine:
+            target = root / "quarantine" / table_name
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target / path.name)
+        else:
+            path.unlink()
+
+
+class TraceTables:
+    """Routing tables, in memory or on disk, with the same interface.
+
+    ``.routes``, ``.tokens``, ``.prompts`` (and ``.logits`` when recorded) are pandas DataFrames
+    (loaded on first access); ``.sql(query)`` runs DuckDB over views of the same names without
+    loading them into memory first.
+    """
+
+    def sql(self, query: str) -> pd.DataFrame:
+        return self.duckdb().sql(query).df()
+
+    def duckdb(self) -> duckdb.DuckDBPyConnection:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        if name in TABLES:
+            frame = self._load(name)
+            self.__dict__[name] = frame  # cache: later access skips __getattr__
+            return frame
+        raise AttributeError(name)
+
+    def _load(self, name: str) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+class StoredTrace(TraceTables):
+    """A trace store on disk (see :func:`read_trace`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.shards = finished_shards(self.root)
+        self._connection: duckdb.DuckDBPyConnection | None = None
+
+    def files(self, table: str) -> list[str]:
+        """The Parquet files of ``table`` that belong to finished shards."""
+        paths = [self.root / table / f"{name}.parquet" for name in self.shards]
+        return [str(p) for p in paths if p.exists()]
+
+    def duckdb(self) -> duckdb.DuckDBPyConnection:
+        import duckdb
+
+        if self._connection is None:
+            connection = duckdb.connect()
+            for table in TABLES:
+                files = self.files(table)
+                if files:
+                    connection.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)})")
+            self._connection = connection
+        return self._connection
+
+    def _load(self, name: str) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        files = self.files(name)
+        if not files:
+            raise AttributeError(f"the store at {self.root} has no {name!r} table")
+        return widen_half_floats(pq.ParquetDataset(files).read()).to_pandas()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"StoredTrace({str(self.root)!r}, model={m.model!r}, shards={len(self.shards)}, layers={m.moe_layers})"
+
+
+def widen_half_floats(table: pa.Table) -> pa.Table:
+    """Widen float16 columns to float32: DuckDB cannot scan Arrow float16 from memory, and pandas
+    float16 columns overflow in everyday arithmetic (sums over many events)."""
+    import pyarrow as pa
+
+    def widened(kind: pa.DataType) -> pa.DataType:
+        if kind == pa.float16():
+            return pa.float32()
+        if pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float16():
+            return pa.list_(pa.float32(), kind.list_size)
+        return kind
+
+    return table.cast(pa.schema([pa.field(f.name, widened(f.type)) for f in table.schema]))
+
+
+def _sql_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join("'" + item.replace("'", "''") + "'" for item in items) + "]"
+
+
+def read_trace(root: str | os.PathLike[str]) -> StoredTrace:
+    """Open the trace store at ``root`` (only finished shards are visible)."""
+    return StoredTrace(Path(root))
+
+
+def routes_table(layout: StoreLayout, columns: Mapping[str, np.ndarray | Sequence[Any]]) -> pa.Table:
+    """Build a routes table with the declared schema from column arrays."""
+    import pyarrow as pa
+
+    return pa.Table.from_pydict(dict(columns), schema=layout.routes_schema())

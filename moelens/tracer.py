@@ -1,0 +1,362 @@
+"""The routing tracer: record what every MoE router of a model returned, token by token.
+
+``with moelens.trace(model) as tr: model(**batch)`` (or ``model.generate(...)``) records, for
+every real (non-padding) token and every MoE layer, the experts the router chose and the weights
+the model used, read from the router module's own output (never re-derived). Observation sites:
+
+* a forward pre-hook and hook on the decoder stack (the module owning ``layers``): one *step*
+  per forward call, carrying the token bookkeeping (which rows are padding, positions, whether
+  the tokens are generated);
+* a forward hook on each MoE layer's router: ``(router_logits, weights, indices)``.
+
+Routing data stays on the model's device until the block ends, then moves to the host once.
+A step in which a router that should have fired did not raises :class:`TraceError`, so a replaced
+or compiled forward cannot silently record nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moelens.hooks.adapters import MoeLayer, moe_layers
+from moelens.store import StoreLayout, TraceTables, widen_half_floats
+
+if TYPE_CHECKING:
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import torch
+    from torch import nn
+
+
+class TraceError(RuntimeError):
+    """The tracer could not record what it was asked to (a router did not fire, NaN logits...)."""
+
+
+@dataclass
+class _Step:
+    """One forward call of the decoder stack; tensors are on the model's device until flushed."""
+
+    prompt_ids: list[Any]  # one per batch row
+    generated: bool  # a decode step of a session (the tokens were produced by the model)
+    input_ids: torch.Tensor | None  # [B, S]
+    positions: torch.Tensor  # [B, S] position of each token within its prompt, padding excluded
+    real: torch.Tensor  # [B, S] bool, False on padding
+    router_outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _Session:
+    """A run of forward calls over the same rows: a prefill and the decode steps that follow it."""
+
+    prompt_ids: list[Any]
+    batch_size: int
+
+
+class Tracer(TraceTables):
+    """Context manager recording routing decisions; see :func:`moelens.trace`.
+
+    After the ``with`` block, ``.routes``, ``.tokens`` (and ``.logits`` with ``full_logits``) are
+    pandas DataFrames in the store schema, ``.arrow(name)`` gives the Arrow tables and ``.sql()``
+    queries them with DuckDB.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        full_logits: bool = False,
+        prompt_ids: Sequence[Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.full_logits = full_logits
+        self.layers: list[MoeLayer] = moe_layers(model)
+        self._stack = _decoder_stack(model)
+        self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
+        self._next_prompt_index = 0
+        self._steps: list[_Step] = []
+        self._session: _Session | None = None
+        self._current: _Step | None = None
+        self._handles: list[Any] = []
+        self._tables: dict[str, pa.Table] | None = None
+        self._connection: duckdb.DuckDBPyConnection | None = None
+
+    # --- context manager -------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        if self._handles:
+            raise TraceError("this tracer is already active; nested `with` on the same tracer is not supported")
+        try:
+            self._handles.append(self._stack.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+            self._handles.append(self._stack.register_forward_hook(self._end_step, always_call=True))
+            for layer in self.layers:
+                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._remove_hooks()
+        if exc_type is not None:
+            return
+        if not self._steps:
+            raise TraceError(
+                "no forward pass of the traced model ran inside the `with moelens.trace(...)` block; "
+                "call the same model object (or its generate()) inside the block."
+            )
+        self._tables = self._materialize()
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles, self._current = self._handles, [], None
+        for handle in handles:
+            handle.remove()
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        import torch
+
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, new = (input_ids.shape if input_ids is not None else embeds.shape[:2])
+        mask = kwargs.get("attention_mask")
+        device = (input_ids if input_ids is not None else embeds).device
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            past = mask.shape[1] - new  # shape arithmetic: no device sync
+            running = mask.long().cumsum(dim=1) - 1  # [B, past+new] position among real tokens
+            positions, real = running[:, -new:], mask[:, -new:].bool()
+        else:
+            cache = kwargs.get("past_key_values")
+            past = int(cache.get_seq_length()) if cache is not None else 0
+            positions = (torch.arange(new, device=device) + past).expand(batch, new)
+            real = torch.ones(batch, new, dtype=torch.bool, device=device)
+        if past == 0 or self._session is None or self._session.batch_size != batch:
+            self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
+        self._current = _Step(
+            prompt_ids=self._session.prompt_ids,
+            generated=past > 0,
+            input_ids=input_ids,
+            positions=positions,
+            real=real,
+        )
+
+    def _take_prompt_id(self) -> Any:
+        if self._prompt_ids is None:
+            self._next_prompt_index += 1
+            return self._next_prompt_index - 1
+        try:
+            return next(self._prompt_ids)
+        except StopIteration:
+            raise TraceError("the traced model saw more prompts than the prompt_ids given to trace()") from None
+
+    def _router_hook(self, layer_index: int) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            step = self._current
+            if step is None:  # the router ran outside the decoder stack's forward (e.g. a test calling it directly)
+                return
+            logits, weights, indices = output[0], output[1], output[2]
+            step.router_outputs[layer_index] = (logits.detach(), weights.detach(), indices.detach())
+
+        return record
+
+    def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
+        step, self._current = self._current, None
+        if step is None:
+            return
+        expected = [layer.index for layer in self.layers]
+        missing = [i for i in expected if i not in step.router_outputs]
+        if missing:
+            raise TraceError(
+                f"the routers of MoE layers {missing} did not fire during a forward pass of "
+                f"{type(self.model).__name__}. Their block's forward was probably replaced (a hub kernel, "
+                "a fused MoE implementation) or the model was compiled. Trace the uncompiled eager model "
+                "(e.g. load with use_kernels=False) so moelens can read the routers' outputs."
+            )
+        self._steps.append(step)
+
+    # --- host side ---------------------------------------------------------------------------
+    def _materialize(self) -> dict[str, pa.Table]:
+        """Move all steps to the host at once and build the store tables."""
+        import numpy as np
+        import torch
+
+        layer_ids = [layer.index for layer in self.layers]
+        host: list[dict[str, Any]] = []
+        for step in self._steps:
+            outs = [step.router_outputs[i] for i in layer_ids]
+            tensors = {
+                "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
+                "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
+                "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
+                "positions": step.positions,
+                "real": step.real,
+            }
+            if step.input_ids is not None:
+                tensors["input_ids"] = step.input_ids
+            if self.full_logits:
+                tensors["logits"] = torch.stack([o[0].float() for o in outs])  # [L, B*S, E]
+            host.append({k: v.to("cpu", non_blocking=True) for k, v in tensors.items()})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        for step_host in host:
+            bad = np.flatnonzero(step_host["nan"].numpy())
+            if bad.size:
+                raise TraceError(
+                    f"router logits of MoE layer {layer_ids[bad[0]]} contain NaN: the model's activations "
+                    "overflowed or its weights are corrupt (check the dtype: float16 often overflows; try "
+                    "bfloat16 or float32). Nothing was recorded."
+                )
+        return _build_tables(self, host, np.asarray(layer_ids))
+
+    def layout(self) -> StoreLayout:
+        config = self.model.config
+        text_config = getattr(config, "text_config", None) or config
+        max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 16) or 1 << 16)
+        id_type = "string" if any(isinstance(s.prompt_ids[0], str) for s in self._steps[:1]) else "uint32"
+        return StoreLayout(
+            num_layers=int(text_config.num_hidden_layers),
+            num_experts=max(layer.num_experts for layer in self.layers),
+            top_k=max(max(layer.top_k for layer in self.layers), self._max_slots()),
+            max_positions=max(max_positions, 2),
+            prompt_id_type=id_type,
+        )
+
+    def _max_slots(self) -> int:
+        return max((next(iter(s.router_outputs.values()))[2].shape[-1] for s in self._steps), default=1)
+
+    # --- results -----------------------------------------------------------------------------
+    def arrow(self, name: str) -> pa.Table:
+        if self._tables is None:
+            raise TraceError("the trace is read after its `with` block has ended without error")
+        if name not in self._tables:
+            raise AttributeError(f"this trace has no {name!r} table (full_logits={self.full_logits})")
+        return self._tables[name]
+
+    def tables(self) -> dict[str, pa.Table]:
+        self.arrow("routes")  # raises if not materialised
+        assert self._tables is not None
+        return dict(self._tables)
+
+    def _load(self, name: str) -> pd.DataFrame:
+        return widen_half_floats(self.arrow(name)).to_pandas()
+
+    def duckdb(self) -> duckdb.DuckDBPyConnection:
+        import duckdb
+
+        if self._connection is None:
+            connection = duckdb.connect()
+            for name, table in self.tables().items():
+                connection.register(name, widen_half_floats(table))
+            self._connection = connection
+        return self._connection
+
+
+def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndarray) -> dict[str, pa.Table]:
+    import numpy as np
+    import pyarrow as pa
+
+    layout = tracer.layout()
+    routes: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "layer", "rank", "expert", "weight")}
+    tokens: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "token_id", "generated")}
+    logits_rows: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "layer", "logits")}
+    num_layers = len(layer_ids)
+    for step, data in zip(tracer._steps, host):
+        real = data["real"].numpy().reshape(-1)  # [B*S]
+        batch, new = data["real"].shape
+        row_ids = np.repeat(np.asarray(step.prompt_ids, dtype=object), new)[real]  # [M]
+        positions = data["positions"].numpy().reshape(-1)[real]  # [M]
+        indices = data["indices"].numpy()[:, real]  # [L, M, k]
+        weights = data["weights"].numpy()[:, real]  # [L, M, k]
+        # rank 0 = highest weight; families with sorted=False top-k (DeepSeek) need the reorder
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        indices = np.take_along_axis(indices, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
+        weights = np.take_along_axis(weights, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
+        tokens_m, _, k = indices.shape
+        keep = (indices < layout.num_experts).reshape(-1)  # drop empty slots (sentinel index E)
+        routes["prompt_id"].append(np.repeat(row_ids, num_layers * k)[keep])
+        routes["position"].append(np.repeat(positions, num_layers * k)[keep])
+        routes["layer"].append(np.tile(np.repeat(layer_ids, k), tokens_m)[keep])
+        routes["rank"].append(np.tile(np.arange(k), tokens_m * num_layers)[keep])
+        routes["expert"].append(indices.reshape(-1)[keep])
+        routes["weight"].append(weights.reshape(-1)[keep])
+        tokens["prompt_id"].append(row_ids)
+        tokens["position"].append(positions)
+        token_ids = data["input_ids"].numpy().reshape(-1)[real] if "input_ids" in data else np.zeros(tokens_m, np.int64)
+        tokens["token_id"].append(token_ids)
+        tokens["generated"].append(np.full(tokens_m, step.generated))
+        if "logits" in data:
+            logits = data["logits"].numpy()[:, real].transpose(1, 0, 2)  # [M, L, E]
+            logits_rows["prompt_id"].append(np.repeat(row_ids, num_layers))
+            logits_rows["position"].append(np.repeat(positions, num_layers))
+            logits_rows["layer"].append(np.tile(layer_ids, tokens_m))
+            logits_rows["logits"].append(logits.reshape(-1, logits.shape[-1]))
+
+    def joined(columns: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+    route_cols = joined(routes)
+    token_cols = joined(tokens)
+    token_strings = (
+        tracer.tokenizer.convert_ids_to_tokens(token_cols["token_id"].tolist()) if tracer.tokenizer is not None else None
+    )
+    tables = {
+        "routes": _sorted_table(route_cols, layout.routes_schema(), ("prompt_id", "position", "layer", "rank")),
+        "tokens": _sorted_table(
+            {**token_cols, "token": np.asarray(token_strings if token_strings else [None] * len(token_cols["token_id"]), dtype=object)},
+            layout.tokens_schema(),
+            ("prompt_id", "position"),
+        ),
+    }
+    if logits_rows["logits"]:
+        cols = joined(logits_rows)
+        matrix = cols.pop("logits").astype(np.float16)
+        cols["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+        tables["logits"] = _sorted_table(cols, layout.logits_schema(), ("prompt_id", "position", "layer"))
+    return tables
+
+
+def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str]) -> pa.Table:
+    import pyarrow as pa
+
+    arrays = {name: columns[name] for name in schema.names}
+    table = pa.Table.from_pydict(
+        {name: arrays[name] if isinstance(arrays[name], pa.Array) else pa.array(arrays[name], type=schema.field(name).type) for name in schema.names},
+        schema=schema,
+    )
+    return table.sort_by([(key, "ascending") for key in keys])
+
+
+def _decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder ``layers`` (e.g. ``model.model``): one forward per step."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise TraceError(f"{type(model).__name__} has no decoder stack with a `layers` ModuleList")
+
+
+def trace(
+    model: nn.Module,
+    *,
+    tokenizer: Any = None,
+    full_logits: bool = False,
+    prompt_ids: Sequence[Any] | None = None,
+) -> Tracer:
+    """Record routing decisions of ``model`` inside a ``with`` block.
+
+    Args:
+        model: a transformers MoE model of a supported family.
+        tokenizer: if given, the ``tokens`` table carries token strings.
+        full_logits: also record every router's full logits (``logits`` table, float16).
+        prompt_ids: ids for the prompts in the order the traced forward calls meet them (a new
+            prompt per batch row at each prefill); default 0, 1, 2, ...
+
+    Returns:
+        a :class:`Tracer`; its tables are readable once the block has ended without error.
+    """
+    return Tracer(model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids)
