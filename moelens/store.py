@@ -59,7 +59,7 @@ class StoreLayout:
                 ("prompt_id", self._prompt_id()),
                 ("position", _uint_for(self.max_positions)),
                 ("layer", _uint_for(self.num_layers)),
-                ("rank", _uint_for(max(self.top_k, 1))),
+                ("rank", pa.uint8()),  # k <= 256 for every family and intervention
                 ("expert", _uint_for(self.num_experts + 1)),
                 ("weight", pa.float16()),
             ]

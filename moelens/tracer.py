@@ -71,8 +71,10 @@ class Tracer(TraceTables):
         tokenizer: Any = None,
         full_logits: bool = False,
         prompt_ids: Sequence[Any] | None = None,
+        layout: StoreLayout | None = None,
     ) -> None:
         self.model = model
+        self._layout = layout
         self.tokenizer = tokenizer
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
@@ -213,20 +215,10 @@ class Tracer(TraceTables):
         return _build_tables(self, host, np.asarray(layer_ids))
 
     def layout(self) -> StoreLayout:
-        config = self.model.config
-        text_config = getattr(config, "text_config", None) or config
-        max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 16) or 1 << 16)
-        id_type = "string" if any(isinstance(s.prompt_ids[0], str) for s in self._steps[:1]) else "uint32"
-        return StoreLayout(
-            num_layers=int(text_config.num_hidden_layers),
-            num_experts=max(layer.num_experts for layer in self.layers),
-            top_k=max(max(layer.top_k for layer in self.layers), self._max_slots()),
-            max_positions=max(max_positions, 2),
-            prompt_id_type=id_type,
-        )
-
-    def _max_slots(self) -> int:
-        return max((next(iter(s.router_outputs.values()))[2].shape[-1] for s in self._steps), default=1)
+        if self._layout is not None:
+            return self._layout
+        first_id = self._steps[0].prompt_ids[0] if self._steps else 0
+        return store_layout(self.model, self.layers, prompt_id_type="string" if isinstance(first_id, str) else "uint32")
 
     # --- results -----------------------------------------------------------------------------
     def arrow(self, name: str) -> pa.Table:
@@ -330,6 +322,19 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
     return table.sort_by([(key, "ascending") for key in keys])
 
 
+def store_layout(model: nn.Module, layers: Sequence[MoeLayer], *, prompt_id_type: str = "uint32") -> StoreLayout:
+    """The store layout (column types) for traces of ``model``."""
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    return StoreLayout(
+        num_layers=int(text_config.num_hidden_layers),
+        num_experts=max(layer.num_experts for layer in layers),
+        top_k=max(layer.top_k for layer in layers),
+        max_positions=max(int(getattr(text_config, "max_position_embeddings", 0) or 1 << 16), 2),
+        prompt_id_type=prompt_id_type,
+    )
+
+
 def _decoder_stack(model: nn.Module) -> nn.Module:
     """The module that owns the decoder ``layers`` (e.g. ``model.model``): one forward per step."""
     from torch import nn
@@ -346,6 +351,7 @@ def trace(
     tokenizer: Any = None,
     full_logits: bool = False,
     prompt_ids: Sequence[Any] | None = None,
+    layout: StoreLayout | None = None,
 ) -> Tracer:
     """Record routing decisions of ``model`` inside a ``with`` block.
 
@@ -355,8 +361,9 @@ def trace(
         full_logits: also record every router's full logits (``logits`` table, float16).
         prompt_ids: ids for the prompts in the order the traced forward calls meet them (a new
             prompt per batch row at each prefill); default 0, 1, 2, ...
+        layout: the column types of the tables (default: derived from the model and the ids).
 
     Returns:
         a :class:`Tracer`; its tables are readable once the block has ended without error.
     """
-    return Tracer(model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids)
+    return Tracer(model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids, layout=layout)

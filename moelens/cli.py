@@ -1,0 +1,129 @@
+"""The ``moelens`` command line: ``collect``, ``zoo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text})")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moelens", description="Look inside Mixture-of-Experts models and steer them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    collect = commands.add_parser("collect", help="trace prompts through a model into a Parquet trace store")
+    collect.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
+    collect.add_argument("prompts", help="prompt file: .txt (a prompt per line), .jsonl/.csv/.parquet with a `text` field")
+    collect.add_argument("--out", required=True, type=Path, help="store directory to create (or continue with --resume)")
+    collect.add_argument("--batch-size", type=_positive_int, default=8)
+    collect.add_argument("--max-new-tokens", type=_non_negative_int, default=0, help="generate this many tokens per prompt (greedy) and trace them too")
+    collect.add_argument("--full-logits", action="store_true", help="also store every router's full logits")
+    collect.add_argument("--resume", action="store_true", help="continue an interrupted collection into --out")
+    collect.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of refusing them")
+    collect.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard (unit of crash safety)")
+    collect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    collect.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    collect.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs")
+    collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    zoo = commands.add_parser("zoo", help="the built-in models")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_commands.add_parser("list", help="names moelens.load accepts besides a directory")
+    save = zoo_commands.add_parser("save", help="write a zoo model as an ordinary Hugging Face checkpoint")
+    save.add_argument("name")
+    save.add_argument("out", type=Path)
+    corpus = zoo_commands.add_parser("build-corpus", help="build the multi-domain training corpus of moelens-tiny")
+    corpus.add_argument("--out", required=True, type=Path)
+    corpus.add_argument("--seed", type=int, default=0)
+    train = zoo_commands.add_parser("train-tiny", help="train moelens-tiny on a corpus built by build-corpus")
+    train.add_argument("--corpus", required=True, type=Path)
+    train.add_argument("--out", required=True, type=Path)
+    train.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("moelens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # user-facing errors become one clear line; bugs keep their traceback
+        if not _is_user_error(error):
+            raise
+        print(f"moelens: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(error: Exception) -> bool:
+    from moelens.collect import CollectError, PromptFileError
+    from moelens.hooks.adapters import UnsupportedModelError
+    from moelens.loading import ModelNotFoundError
+    from moelens.store import StoreError
+    from moelens.tracer import TraceError
+
+    return isinstance(error, (CollectError, PromptFileError, UnsupportedModelError, ModelNotFoundError, StoreError, TraceError, ValueError))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "collect":
+        from moelens.collect import CollectOptions, collect
+
+        options = CollectOptions(
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            full_logits=args.full_logits,
+            resume=args.resume,
+            truncate=args.truncate,
+            shard_size=args.shard_size,
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            progress=not args.no_progress,
+        )
+        collect(args.model, args.prompts, args.out, options)
+        return 0
+    if args.command == "zoo":
+        return _zoo(args)
+    raise AssertionError(args.command)
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    if args.zoo_command == "list":
+        from moelens.loading import zoo_names
+
+        print("\n".join(zoo_names()))
+    elif args.zoo_command == "save":
+        from moelens.loading import save_zoo_model
+
+        print(save_zoo_model(args.name, args.out))
+    elif args.zoo_command == "build-corpus":
+        from moelens.zoo.corpus import build_corpus
+
+        build_corpus(args.out, seed=args.seed)
+    elif args.zoo_command == "train-tiny":
+        from moelens.zoo.train import train_tiny
+
+        train_tiny(args.corpus, args.out, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Batch trace collection (``moelens collect``): prompts in, a crash-safe trace store out.
+
+Prompts are split into fixed shards (``shard_size`` consecutive prompts); shard ``i`` belongs to
+rank ``i % world_size`` under torchrun. Each shard is traced batch by batch and written with
+:func:`moelens.store.write_shard` (temporary names, renamed when complete, marker last), so a run
+killed at any point and rerun with ``resume=True`` writes every expected row exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moelens import store
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class PromptFileError(ValueError):
+    """The prompt file cannot be read as prompts (the message says where and why)."""
+
+
+class CollectError(RuntimeError):
+    """The collection cannot start or continue as asked (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    batch_size: int = 8
+    max_new_tokens: int = 0
+    full_logits: bool = False
+    resume: bool = False
+    truncate: bool = False  # cut prompts longer than the context (default: refuse them)
+    shard_size: int = 64  # prompts per shard: the unit of crash safety and of torchrun sharding
+    device: str | None = None
+    dtype: str | None = None
+    device_map: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1 (got {self.batch_size})")
+        if self.shard_size < 1:
+            raise ValueError(f"shard size must be at least 1 (got {self.shard_size})")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max new tokens must be 0 or more (got {self.max_new_tokens})")
+
+
+# --- prompts ---------------------------------------------------------------------------------
+def read_prompts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read prompts as records ``{"prompt_id", "text", <tags>...}`` from .txt, .jsonl, .csv or .parquet.
+
+    ``prompt_id`` is the record's ``id`` field if the file has one, else the 0-based line/row number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise PromptFileError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .jsonl, .csv or .parquet")
+    records = list(readers[suffix](path))
+    if not records:
+        raise PromptFileError(f"{path} holds no prompts: add one prompt per line (.txt) or record (.jsonl/.csv/.parquet)")
+    for row, (where, record) in enumerate(records):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise PromptFileError(f"{path}, {where}: no `text` field (a string) in {sorted(record)}")
+        if not text.strip():
+            raise PromptFileError(f"{path}, {where}: the prompt is empty; remove it or give it text")
+        record.setdefault("id", row)
+    return _with_prompt_ids([record for _, record in records], path)
+
+
+def _read_txt(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            yield f"line {number}", {"text": line.rstrip("\n")}
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PromptFileError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise PromptFileError(f"{path}, line {number}: expected a JSON object with a `text` field")
+            yield f"line {number}", record
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        for number, record in enumerate(csv.DictReader(handle), start=2):
+            yield f"line {number}", dict(record)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    for number, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"row {number}", record
+
+
+def _with_prompt_ids(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    ids = [record.pop("id") for record in records]
+    as_int = [_as_uint(value) for value in ids]
+    final: list[Any] = as_int if all(v is not None for v in as_int) else [str(v) for v in ids]
+    if len(set(final)) != len(final):
+        seen: set[Any] = set()
+        duplicate = next(v for v in final if v in seen or seen.add(v))
+        raise PromptFileError(f"{path}: prompt id {duplicate!r} appears more than once; ids must be unique")
+    return [{"prompt_id": pid, **record} for pid, record in zip(final, records)]
+
+
+def _as_uint(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        number = int(value)
+        return number if 0 <= number < 2**32 else None
+    return None
+
+
+# --- the store's lifecycle -------------------------------------------------------------------
+def _prepare_out(out: Path, resume: bool) -> None:
+    if (out / store.MANIFEST).exists() and not resume:
+        raise CollectError(
+            f"{out} already holds a trace store. Pass --resume to continue it, or choose another --out "
+            "(nothing was written)."
+        )
+    if out.exists() and not out.is_dir():
+        raise CollectError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise CollectError(f"cannot write to --out {out}: {error.strerror or error}. Choose a writable directory.") from None
+
+
+def _check_resume(out: Path, manifest: store.Manifest) -> None:
+    existing = store.read_manifest(out)
+    if existing.identity() != manifest.identity():
+        raise CollectError(
+            f"--resume into {out}: the store was recorded from model {existing.model!r} (config "
+            f"{existing.config_hash[:12]}, intervention {existing.intervention}), not from {manifest.model!r} "
+            f"(config {manifest.config_hash[:12]}, intervention {manifest.intervention}). Use a new --out."
+        )
+    if existing.collection.get("prompts_sha") != manifest.collection.get("prompts_sha"):
+        raise CollectError(f"--resume into {out}: the prompt file differs from the one the store was started with")
+
+
+def _repair_finished(out: Path, log: Any) -> set[str]:
+    """The sound finished shards; a corrupt one is moved to quarantine/ and collected again."""
+    sound = set()
+    for name in store.finished_shards(out):
+        problem = store.verify_shard(out, name)
+        if problem is None:
+            sound.add(name)
+            continue
+        store.remove_shard(out, name, quarantine=True)
+        log(f"moelens: corrupt shard {name} ({problem}); its files were moved to {out / 'quarantine'} and it will be collected again")
+    return sound
+
+
+# --- collection ------------------------------------------------------------------------------
+def collect(
+    model_name: str,
+    prompts_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    options: CollectOptions = CollectOptions(),
+    *,
+    intervention: Any = None,
+) -> store.StoredTrace:
+    """Trace every prompt of ``prompts_path`` through ``model_name`` into the store at ``out``.
+
+    Raises :class:`PromptFileError`, :class:`CollectError`, or the loader's errors, before
+    anything is written where possible.
+    """
+    from moelens.loading import load
+
+    out = Path(out)
+    records = read_prompts(prompts_path)
+    _prepare_out(out, options.resume)
+    rank, world = _distributed_rank()
+    model, tokenizer = load(model_name, device=options.device, dtype=options.dtype, device_map=options.device_map)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decode steps append on the right
+    manifest = _manifest(model, model_name, records, prompts_path, options, intervention)
+    if rank == 0:
+        if options.resume and (out / store.MANIFEST).exists():
+            _check_resume(out, manifest)
+        else:
+            store.write_manifest(out, manifest)
+    _barrier(world)
+    if rank != 0:
+        _check_resume(out, manifest)
+    done = _repair_finished(out, _log) if options.resume else set()
+    shards = [
+        (index, records[start : start + options.shard_size])
+        for index, start in enumerate(range(0, len(records), options.shard_size))
+        if index % world == rank and store.shard_name(index) not in done
+    ]
+    _check_lengths(model, tokenizer, [r for _, shard in shards for r in shard], options)
+    stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
+    _barrier(world)
+    if rank == 0:
+        manifest = store.read_manifest(out)
+        manifest.shards = store.finished_shards(out)
+        store.write_manifest(out, manifest)
+        _summary(out, stats, world)
+    return store.read_trace(out)
+
+
+def _manifest(model: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:
+    import hashlib
+
+    import transformers
+
+    import moelens
+    from moelens.hooks.adapters import adapter_for, moe_layers
+    from moelens.tracer import store_layout
+
+    layers = moe_layers(model)
+    id_type = "string" if isinstance(records[0]["prompt_id"], str) else "uint32"
+    config_json = model.config.to_json_string(use_diff=False)
+    prompts_sha = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+    collection = {
+        k: v for k, v in asdict(options).items() if k not in ("resume", "progress", "device", "device_map")
+    } | {"prompts": str(prompts_path), "prompts_sha": prompts_sha, "num_prompts": len(records)}
+    return store.Manifest(
+        model=str(model_name),
+        config_hash=hashlib.sha256(config_json.encode()).hexdigest(),
+        family=adapter_for(model).family,
+        layout=store_layout(model, layers, prompt_id_type=id_type),
+        moe_layers=[layer.index for layer in layers],
+        moelens_version=moelens.__version__,
+        transformers_version=transformers.__version__,
+        collection=collection,
+        intervention=intervention.to_dict() if intervention is not None else None,
+    )
+
+
+def _check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], options: CollectOptions) -> None:
+    config = getattr(model.config, "text_config", None) or model.config
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if not context or not records:
+        return
+    limit = context - options.max_new_tokens
+    lengths = [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
+    too_long = [(r["prompt_id"], n) for r, n in zip(records, lengths) if n > limit]
+    if not too_long:
+        return
+    first_id, first_len = too_long[0]
+    if not options.truncate:
+        raise CollectError(
+            f"{len(too_long)} prompt(s) are longer than the model's context allows: prompt {first_id!r} has "
+            f"{first_len} tokens, the limit is {limit} ({context} context - {options.max_new_tokens} new tokens). "
+            "They were refused; pass --truncate to cut them to the limit (keeping their beginning)."
+        )
+    _log(f"moelens: {len(too_long)} prompt(s) longer than {limit} tokens are truncated to their first {limit} tokens")
+
+
+def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: list[tuple[int, list[dict[str, Any]]]], out: Path, options: CollectOptions, rank: int) -> dict[str, float]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from moelens.tracer import trace
+
+    config = getattr(model.config, "text_config", None) or model.config
+    limit = int(getattr(config, "max_position_embeddings", 0) or 1 << 30) - options.max_new_tokens
+    device = next(model.parameters()).device
+    stats = {"prompts": 0, "tokens": 0, "events": 0, "seconds": 0.0}
+    bar = tqdm(total=sum(len(s) for _, s in shards), unit="prompt", disable=not options.progress, desc=f"rank {rank}" if rank else "collect", file=sys.stderr)
+    started = time.perf_counter()
+    for index, records in shards:
+        parts: dict[str, list[pa.Table]] = {}
+        for start in range(0, len(records), options.batch_size):
+            batch = records[start : start + options.batch_size]
+            encoded = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=options.truncate, max_length=limit if options.truncate else None).to(device)
+            with torch.no_grad(), trace(model, tokenizer=tokenizer, full_logits=options.full_logits, prompt_ids=[r["prompt_id"] for r in batch], layout=layout) as tracer:
+                if options.max_new_tokens:
+                    model.generate(**encoded, max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                else:
+                    model(**encoded)
+            for name, table in tracer.tables().items():
+                parts.setdefault(name, []).append(table)
+            tokens = tracer.arrow("tokens").num_rows
+            stats["tokens"] += tokens
+            stats["events"] += tracer.arrow("routes").num_rows
+            stats["prompts"] += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(tokens_per_s=f"{stats['tokens'] / max(time.perf_counter() - started, 1e-9):.0f}")
+        parts["prompts"] = [_prompts_table(records, layout)]
+        store.write_shard(out, index, {name: _concat(tables) for name, tables in parts.items()})
+    bar.close()
+    stats["seconds"] = time.perf_counter() - started
+    return stats
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _prompts_table(records: list[dict[str, Any]], layout: store.StoreLayout) -> pa.Table:
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(records)
+    prompt_id_type = layout.tokens_schema().field("prompt_id").type
+    return table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", table["prompt_id"].cast(prompt_id_type))
+
+
+def _summary(out: Path, stats: dict[str, float], world: int) -> None:
+    routes_bytes = sum(p.stat().st_size for p in (out / "routes").glob("shard-*.parquet"))
+    stored = store.read_trace(out)
+    events = int(stored.sql("SELECT count(*) AS n FROM routes")["n"][0]) if stored.shards else 0
+    seconds = max(stats["seconds"], 1e-9)
+    _log(
+        f"moelens collect: {len(stored.shards)} shards, {events:,} routing events in {out}"
+        f" ({routes_bytes / max(events, 1):.2f} bytes/event on disk); this run (rank 0 of {world}): "
+        f"{int(stats['prompts'])} prompts, {int(stats['tokens']):,} tokens in {seconds:.1f}s "
+        f"({stats['tokens'] / seconds:,.0f} tokens/s)"
+    )
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Starts a gloo group when needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,178 @@
+"""The tracer records exactly what each router returned: checked against independent hooks,
+against the model's own ``output_router_logits``, and against single-prompt runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import moelens
+from moelens.hooks.adapters import moe_layers
+from tests.conftest import PROMPTS
+
+
+def _reference_routes(model, batch) -> pd.DataFrame:
+    """Routes read by hooks written here, independently of moelens: every router's raw output,
+    unpadded with the attention mask, sorted by weight within each token."""
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
+        router = getattr(block, "gate", None) if hasattr(block, "experts") else None
+        router = router if router is not None else getattr(block, "router", None)
+        if router is None:
+            continue
+
+        def hook(module, args, output, index=index):
+            captured[index] = (output[1].float(), output[2])
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask = batch["attention_mask"].bool()
+    rows = []
+    batch_size, seq = mask.shape
+    for layer, (weights, indices) in captured.items():
+        weights = weights.view(batch_size, seq, -1)
+        indices = indices.view(batch_size, seq, -1)
+        for b in range(batch_size):
+            real_positions = torch.nonzero(mask[b]).flatten().tolist()
+            for position, column in enumerate(real_positions):
+                order = torch.argsort(weights[b, column], descending=True, stable=True)
+                for rank, slot in enumerate(order.tolist()):
+                    rows.append((b, position, layer, rank, int(indices[b, column, slot]), float(weights[b, column, slot])))
+    frame = pd.DataFrame(rows, columns=["prompt_id", "position", "layer", "rank", "expert", "weight"])
+    return frame.sort_values(["prompt_id", "position", "layer", "rank"]).reset_index(drop=True)
+
+
+def _as_plain(routes: pd.DataFrame) -> pd.DataFrame:
+    out = routes.astype({"prompt_id": "int64", "position": "int64", "layer": "int64", "rank": "int64", "expert": "int64"})
+    return out.sort_values(["prompt_id", "position", "layer", "rank"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_trace_equals_independent_router_hooks(tiny, padding_side):
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side=padding_side)
+    expected = _reference_routes(model, batch)
+    with torch.no_grad(), moelens.trace(model) as tracer:
+        model(**batch)
+    got = _as_plain(tracer.routes)
+    pd.testing.assert_frame_equal(got.drop(columns="weight"), expected.drop(columns="weight"))
+    # weights are stored as float16: compare at float16 resolution
+    np.testing.assert_allclose(got["weight"], expected["weight"], rtol=1e-3, atol=1e-4)
+    assert set(got["layer"]) == {layer.index for layer in moe_layers(model)}
+
+
+def test_full_logits_equal_output_router_logits(tiny):
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad(), moelens.trace(model, full_logits=True) as tracer:
+        output = model(**batch, output_router_logits=True)
+    own = getattr(output, "router_logits", None)
+    if not own:
+        pytest.skip(f"{model.config.model_type} does not return router logits")
+    layers = [layer.index for layer in moe_layers(model)]
+    recorded = tracer.logits
+    assert len(own) == len(layers)
+    for layer, logits in zip(layers, own):
+        rows = recorded[recorded["layer"] == layer].sort_values("position")
+        stored = np.stack(rows["logits"].to_numpy())
+        np.testing.assert_allclose(stored, logits.float().view(-1, logits.shape[-1]).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_padded_batch_equals_prompts_alone(tiny):
+    model, tokenizer = tiny
+    with torch.no_grad(), moelens.trace(model) as batched:
+        model(**tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    alone = []
+    for prompt_id, prompt in enumerate(PROMPTS):
+        with torch.no_grad(), moelens.trace(model, prompt_ids=[prompt_id]) as single:
+            model(**tokenizer([prompt], return_tensors="pt"))
+        alone.append(single.routes)
+    got, expected = _as_plain(batched.routes), _as_plain(pd.concat(alone))
+    pd.testing.assert_frame_equal(got.drop(columns="weight"), expected.drop(columns="weight"))
+    np.testing.assert_allclose(got["weight"], expected["weight"], rtol=2e-3, atol=1e-3)
+
+
+def test_generate_trace_matches_one_forward_over_the_generated_text(tiny):
+    """Decode steps with a KV cache route like one forward pass over the same tokens."""
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as generated:
+        sequences = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    tokens = generated.tokens
+    assert tokens.groupby("prompt_id")["generated"].sum().tolist() == [4, 4]  # the 5th token is never fed back
+    for prompt_id in (0, 1):
+        own = tokens[tokens.prompt_id == prompt_id].sort_values("position")
+        assert own["position"].tolist() == list(range(len(own)))
+        assert not own["generated"].iloc[0] and own["generated"].iloc[-1]
+        real = sequences[prompt_id][batch["attention_mask"][prompt_id].nonzero()[0, 0] :][:-1]
+        assert own["token_id"].tolist() == real.tolist()
+        with torch.no_grad(), moelens.trace(model, prompt_ids=[prompt_id]) as whole:
+            model(input_ids=real[None], attention_mask=torch.ones_like(real)[None])
+        got = _as_plain(generated.routes.query("prompt_id == @prompt_id"))
+        expected = _as_plain(whole.routes)
+        agree = (got[["position", "layer", "rank", "expert"]].to_numpy() == expected[["position", "layer", "rank", "expert"]].to_numpy()).all(axis=1)
+        assert agree.mean() > 0.98, f"only {agree.mean():.1%} of routing events agree"
+        np.testing.assert_allclose(got["weight"][agree], expected["weight"][agree], rtol=5e-3, atol=2e-3)
+
+
+def test_hooks_removed_and_model_unchanged_even_when_the_body_raises(tiny):
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+    hook_counts = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), moelens.trace(model):
+            model(**batch)
+            raise RuntimeError("boom")
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hook_counts
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+
+
+def test_a_router_that_does_not_fire_is_an_error():
+    model, tokenizer = moelens.load("tiny:mixtral")
+    block = model.model.layers[1].mlp
+    block.forward = lambda hidden_states: hidden_states  # like a hub kernel that bypasses the router
+    with pytest.raises(moelens.TraceError, match=r"MoE layers \[1\] did not fire"):
+        with torch.no_grad(), moelens.trace(model):
+            model(**tokenizer(["hello"], return_tensors="pt"))
+
+
+def test_nan_router_logits_name_the_layer():
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[2].mlp.gate.weight[0, 0] = float("nan")
+    with pytest.raises(moelens.TraceError, match="MoE layer 2 contain NaN"):
+        with torch.no_grad(), moelens.trace(model):
+            model(**tokenizer(["hello"], return_tensors="pt"))
+
+
+def test_a_block_without_forward_passes_is_an_error():
+    model, _ = moelens.load("tiny:olmoe")
+    with pytest.raises(moelens.TraceError, match="no forward pass"):
+        with moelens.trace(model):
+            pass
+
+
+def test_tables_and_sql():
+    model, tokenizer = moelens.load("tiny:deepseek_v3")
+    with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as tracer:
+        model(**tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    routes = tracer.routes
+    config = model.config
+    per_token = tracer.sql("SELECT prompt_id, position, layer, sum(weight) AS w, count(*) AS k FROM routes GROUP BY ALL")
+    # DeepSeek-V3 renormalises then scales: every token's weights sum to routed_scaling_factor
+    np.testing.assert_allclose(per_token["w"], config.routed_scaling_factor, rtol=2e-3)
+    assert (per_token["k"] == config.num_experts_per_tok).all()
+    assert routes.groupby(["prompt_id", "position", "layer"])["weight"].apply(lambda w: w.is_monotonic_decreasing).all()
+    assert tracer.tokens.loc[0, "token"] == tokenizer.bos_token
