@@ -200,6 +200,7 @@ def collect(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decode steps append on the right
+    _check_lengths(model, tokenizer, records, options)
     manifest = _manifest(model, model_name, records, prompts_path, options, intervention)
     if rank == 0:
         if options.resume and (out / store.MANIFEST).exists():
@@ -215,7 +216,6 @@ def collect(
         for index, start in enumerate(range(0, len(records), options.shard_size))
         if index % world == rank and store.shard_name(index) not in done
     ]
-    _check_lengths(model, tokenizer, [r for _, shard in shards for r in shard], options)
     stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
     _barrier(world)
     if rank == 0:
