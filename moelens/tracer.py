@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moelens.hooks.adapters import MoeLayer, moe_layers
+from moelens.hooks.steps import StepTokens, decoder_stack
 from moelens.store import StoreLayout, TraceTables, widen_half_floats
 
 if TYPE_CHECKING:
@@ -41,10 +42,7 @@ class _Step:
     """One forward call of the decoder stack; tensors are on the model's device until flushed."""
 
     prompt_ids: list[Any]  # one per batch row
-    generated: bool  # a decode step of a session (the tokens were produced by the model)
-    input_ids: torch.Tensor | None  # [B, S]
-    positions: torch.Tensor  # [B, S] position of each token within its prompt, padding excluded
-    real: torch.Tensor  # [B, S] bool, False on padding
+    tokens: StepTokens
     router_outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -78,7 +76,7 @@ class Tracer(TraceTables):
         self.tokenizer = tokenizer
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
-        self._stack = _decoder_stack(model)
+        self._stack = decoder_stack(model)
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
         self._steps: list[_Step] = []
@@ -120,31 +118,11 @@ class Tracer(TraceTables):
 
     # --- hooks -------------------------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        import torch
-
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        batch, new = (input_ids.shape if input_ids is not None else embeds.shape[:2])
-        mask = kwargs.get("attention_mask")
-        device = (input_ids if input_ids is not None else embeds).device
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            past = mask.shape[1] - new  # shape arithmetic: no device sync
-            running = mask.long().cumsum(dim=1) - 1  # [B, past+new] position among real tokens
-            positions, real = running[:, -new:], mask[:, -new:].bool()
-        else:
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None else 0
-            positions = (torch.arange(new, device=device) + past).expand(batch, new)
-            real = torch.ones(batch, new, dtype=torch.bool, device=device)
-        if past == 0 or self._session is None or self._session.batch_size != batch:
+        tokens = StepTokens.from_call(args, kwargs)
+        batch = tokens.real.shape[0]
+        if not tokens.generated or self._session is None or self._session.batch_size != batch:
             self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
-        self._current = _Step(
-            prompt_ids=self._session.prompt_ids,
-            generated=past > 0,
-            input_ids=input_ids,
-            positions=positions,
-            real=real,
-        )
+        self._current = _Step(prompt_ids=self._session.prompt_ids, tokens=tokens)
 
     def _take_prompt_id(self) -> Any:
         if self._prompt_ids is None:
@@ -194,11 +172,11 @@ class Tracer(TraceTables):
                 "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
                 "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
                 "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
-                "positions": step.positions,
-                "real": step.real,
+                "positions": step.tokens.positions,
+                "real": step.tokens.real,
             }
-            if step.input_ids is not None:
-                tensors["input_ids"] = step.input_ids
+            if step.tokens.input_ids is not None:
+                tensors["input_ids"] = step.tokens.input_ids
             if self.full_logits:
                 tensors["logits"] = torch.stack([o[0].float() for o in outs])  # [L, B*S, E]
             host.append({k: v.to("cpu", non_blocking=True) for k, v in tensors.items()})
@@ -279,7 +257,7 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         tokens["position"].append(positions)
         token_ids = data["input_ids"].numpy().reshape(-1)[real] if "input_ids" in data else np.zeros(tokens_m, np.int64)
         tokens["token_id"].append(token_ids)
-        tokens["generated"].append(np.full(tokens_m, step.generated))
+        tokens["generated"].append(np.full(tokens_m, step.tokens.generated))
         if "logits" in data:
             logits = data["logits"].numpy()[:, real].transpose(1, 0, 2)  # [M, L, E]
             logits_rows["prompt_id"].append(np.repeat(row_ids, num_layers))
@@ -333,16 +311,6 @@ def store_layout(model: nn.Module, layers: Sequence[MoeLayer], *, prompt_id_type
         max_positions=max(int(getattr(text_config, "max_position_embeddings", 0) or 1 << 16), 2),
         prompt_id_type=prompt_id_type,
     )
-
-
-def _decoder_stack(model: nn.Module) -> nn.Module:
-    """The module that owns the decoder ``layers`` (e.g. ``model.model``): one forward per step."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module
-    raise TraceError(f"{type(model).__name__} has no decoder stack with a `layers` ModuleList")
 
 
 def trace(

@@ -1,0 +1,35 @@
+"""Interventions: change which experts fire, at inference, on any supported family.
+
+Build a spec with the constructors, combine with ``+``, apply with :func:`intervene`::
+
+    spec = disable({3: [5, 9]}) + reweight({5: [1]}, factor=8.0, tokens="generated")
+    with intervene(model, spec):
+        model.generate(...)
+"""
+
+from moelens.interventions.apply import active_intervention, intervene
+from moelens.interventions.spec import (
+    Intervention,
+    SpecError,
+    disable,
+    force,
+    logit_bias,
+    prune,
+    rank,
+    reweight,
+    top_p,
+)
+
+__all__ = [
+    "Intervention",
+    "SpecError",
+    "active_intervention",
+    "disable",
+    "force",
+    "intervene",
+    "logit_bias",
+    "prune",
+    "rank",
+    "reweight",
+    "top_p",
+]

@@ -1,0 +1,299 @@
+"""Intervention specs: small, serialisable, combinable descriptions of a routing change.
+
+A spec is data. It says which experts, in which layers, for which tokens, and what happens to them;
+:func:`moelens.interventions.intervene` binds it to a model (checking it against the model's
+layers and experts) and applies it through the one routing function of ``moelens.kernels``.
+
+JSON form: ``{"interventions": [{"kind": "disable", "experts": {"3": [5, 9]}, "mode": "reroute",
+...}, ...]}``. Unknown kinds or fields are errors that name them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+TokenScope = str | tuple[int, ...]  # "all", "prompt", "generated", or explicit positions
+ExpertsByLayer = Mapping[int, Iterable[int]]
+
+
+class SpecError(ValueError):
+    """An intervention spec is malformed or does not fit the model (the message says where)."""
+
+
+def _experts(value: ExpertsByLayer, what: str) -> dict[int, tuple[int, ...]]:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{what}: expected a mapping layer -> experts, e.g. {{3: [5, 9]}}, got {type(value).__name__}")
+    out: dict[int, tuple[int, ...]] = {}
+    for layer, experts in value.items():
+        try:
+            ids = tuple(sorted({int(e) for e in experts}))
+            out[int(layer)] = ids
+        except (TypeError, ValueError):
+            raise SpecError(f"{what}: layer {layer!r} must map to a list of integer expert ids, got {experts!r}") from None
+    return out
+
+
+def _scope(tokens: Any) -> TokenScope:
+    if tokens in ("all", "prompt", "generated"):
+        return tokens
+    if isinstance(tokens, (list, tuple)) and all(isinstance(t, int) and t >= 0 for t in tokens):
+        return tuple(sorted(set(tokens)))
+    raise SpecError(f"tokens={tokens!r}: use 'all', 'prompt', 'generated', or a list of token positions (integers >= 0)")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One routing change. Subclasses declare ``kind`` and their fields."""
+
+    kind: ClassVar[str]
+    tokens: TokenScope = "all"
+
+    def layers(self) -> tuple[int, ...] | None:
+        """The layers this part touches; ``None`` = every MoE layer."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                value = {str(k): list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            data[f.name] = value
+        return data
+
+
+@dataclass(frozen=True)
+class Disable(Part):
+    """Switch experts off. ``reroute``: excluded from choice, the next-best expert takes the slot.
+    ``drop``: still chosen, contributes nothing; ``renormalize`` rescales the other chosen experts to
+    the original total (MoTE's switch-off), else the weight is lost (the super-experts experiment)."""
+
+    kind: ClassVar[str] = "disable"
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    mode: Literal["reroute", "drop"] = "reroute"
+    renormalize: bool = False
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.experts)
+
+
+@dataclass(frozen=True)
+class Force(Part):
+    """Put experts into every token's selected set; they take the lowest-ranked slots."""
+
+    kind: ClassVar[str] = "force"
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.experts)
+
+
+@dataclass(frozen=True)
+class Reweight(Part):
+    """Multiply chosen experts' routing weights by ``factor`` (RICE), optionally renormalised."""
+
+    kind: ClassVar[str] = "reweight"
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    factor: float = 1.0
+    renormalize: bool = False
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.experts)
+
+
+@dataclass(frozen=True)
+class LogitBias(Part):
+    """Add a bias to router logits before the choice: soft steering towards or away from experts."""
+
+    kind: ClassVar[str] = "logit_bias"
+    bias: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "bias": {str(l): {str(e): b for e, b in eb.items()} for l, eb in self.bias.items()}}
+
+
+@dataclass(frozen=True)
+class TopP(Part):
+    """Dynamic routing: the smallest prefix of experts whose probability mass exceeds ``p``."""
+
+    kind: ClassVar[str] = "top_p"
+    p: float = 0.4
+    max_k: int | None = None
+    renormalize: bool = False
+    only_layers: tuple[int, ...] | None = None
+
+    def layers(self) -> tuple[int, ...] | None:
+        return self.only_layers
+
+
+@dataclass(frozen=True)
+class Rank(Part):
+    """Route every token to only its rank-``rank`` expert with weight 1 (SCMoE's weak activation)."""
+
+    kind: ClassVar[str] = "rank"
+    rank: int = 2
+    only_layers: tuple[int, ...] | None = None
+
+    def layers(self) -> tuple[int, ...] | None:
+        return self.only_layers
+
+
+@dataclass(frozen=True)
+class Prune(Part):
+    """Keep only the given experts in each listed layer; tokens re-route among them (EASY-EP)."""
+
+    kind: ClassVar[str] = "prune"
+    keep: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.keep)
+
+
+_KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, Prune)}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """An ordered combination of parts; ``a + b`` combines. Apply with ``intervene(model, spec)``."""
+
+    parts: tuple[Part, ...] = ()
+
+    def __add__(self, other: Intervention) -> Intervention:
+        if not isinstance(other, Intervention):
+            return NotImplemented
+        return Intervention(self.parts + other.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"interventions": [part.to_dict() for part in self.parts]}
+
+    def to_json(self, **dumps: Any) -> str:
+        return json.dumps(self.to_dict(), **dumps)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "spec") -> Intervention:
+        if not isinstance(data, Mapping) or set(data) != {"interventions"} or not isinstance(data["interventions"], list):
+            raise SpecError(f"{where}: expected {{\"interventions\": [...]}}, got keys {sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(data["interventions"])))
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "spec") -> Intervention:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"{where} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+        return cls.from_dict(data, where=where)
+
+    @classmethod
+    def read(cls, path: str) -> Intervention:
+        from pathlib import Path
+
+        return cls.from_json(Path(path).read_text(), where=str(path))
+
+
+def _part_from_dict(item: Any, where: str) -> Part:
+    if not isinstance(item, Mapping) or "kind" not in item:
+        raise SpecError(f"{where}: each intervention is an object with a `kind` ({', '.join(_KINDS)})")
+    kind = item["kind"]
+    if kind not in _KINDS:
+        raise SpecError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(_KINDS)}")
+    constructor = _CONSTRUCTORS[kind]
+    arguments = {k: v for k, v in item.items() if k != "kind"}
+    allowed = {f.name for f in fields(_KINDS[kind])}
+    unknown = sorted(set(arguments) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(allowed))}")
+    try:
+        (part,) = constructor(**arguments).parts
+    except TypeError as error:
+        raise SpecError(f"{where}: {error}") from None
+    return part
+
+
+# --- constructors: the public way to build specs; they validate what needs no model ---------------
+def disable(experts: ExpertsByLayer, *, mode: Literal["reroute", "drop"] = "reroute", renormalize: bool = False, tokens: Any = "all") -> Intervention:
+    """Disable experts per layer, e.g. ``disable({3: [5, 9]})``. See :class:`Disable`."""
+    if mode not in ("reroute", "drop"):
+        raise SpecError(f"disable: mode={mode!r}; use 'reroute' (next-best expert fills in) or 'drop' (contributes nothing)")
+    if renormalize and mode == "reroute":
+        raise SpecError("disable: renormalize applies to mode='drop' only (reroute keeps a full set of experts)")
+    return Intervention((Disable(experts=_experts(experts, "disable"), mode=mode, renormalize=bool(renormalize), tokens=_scope(tokens)),))
+
+
+def force(experts: ExpertsByLayer, *, tokens: Any = "all") -> Intervention:
+    """Force experts into the selected set per layer. See :class:`Force`."""
+    return Intervention((Force(experts=_experts(experts, "force"), tokens=_scope(tokens)),))
+
+
+def reweight(experts: ExpertsByLayer, factor: float, *, renormalize: bool = False, tokens: Any = "all") -> Intervention:
+    """Multiply chosen experts' weights by ``factor`` (> 0). See :class:`Reweight`."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise SpecError(f"reweight: factor must be a finite number > 0, got {factor!r}")
+    return Intervention((Reweight(experts=_experts(experts, "reweight"), factor=float(factor), renormalize=bool(renormalize), tokens=_scope(tokens)),))
+
+
+def logit_bias(bias: Mapping[int, Mapping[int, float]], *, tokens: Any = "all") -> Intervention:
+    """Add ``bias[layer][expert]`` to router logits before the choice. See :class:`LogitBias`."""
+    try:
+        table = {int(l): {int(e): float(b) for e, b in eb.items()} for l, eb in bias.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise SpecError(f"logit_bias: expected {{layer: {{expert: bias}}}}, got {bias!r}") from None
+    return Intervention((LogitBias(bias=table, tokens=_scope(tokens)),))
+
+
+def top_p(p: float = 0.4, *, max_k: int | None = None, renormalize: bool = False, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
+    """Top-p dynamic routing (Dynamic-MoE defaults: p 0.4, raw probabilities). See :class:`TopP`."""
+    if not (isinstance(p, (int, float)) and 0 < p <= 1):
+        raise SpecError(f"top_p: p must be in (0, 1], got {p!r}")
+    if max_k is not None and max_k < 1:
+        raise SpecError(f"top_p: max_k must be at least 1, got {max_k}")
+    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
+    return Intervention((TopP(p=float(p), max_k=max_k, renormalize=bool(renormalize), only_layers=only, tokens=_scope(tokens)),))
+
+
+def rank(r: int = 2, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
+    """Route each token to its rank-``r`` expert only (1 = top expert). See :class:`Rank`."""
+    if not isinstance(r, int) or r < 1:
+        raise SpecError(f"rank: r must be an integer >= 1 (1 = the top expert), got {r!r}")
+    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
+    return Intervention((Rank(rank=r, only_layers=only, tokens=_scope(tokens)),))
+
+
+def prune(keep: ExpertsByLayer) -> Intervention:
+    """Keep only ``keep[layer]`` experts in each listed layer. See :class:`Prune`."""
+    return Intervention((Prune(keep=_experts(keep, "prune")),))
+
+
+def _from_fields(kind: str) -> Any:
+    """Constructor used by JSON parsing: field names as keyword arguments."""
+
+    def build(**kw: Any) -> Intervention:
+        tokens = kw.pop("tokens", "all")
+        if kind == "disable":
+            return disable(kw.pop("experts", {}), tokens=tokens, **kw)
+        if kind == "force":
+            return force(kw.pop("experts", {}), tokens=tokens, **kw)
+        if kind == "reweight":
+            return reweight(kw.pop("experts", {}), kw.pop("factor", 1.0), tokens=tokens, **kw)
+        if kind == "logit_bias":
+            return logit_bias(kw.pop("bias", {}), tokens=tokens, **kw)
+        if kind == "top_p":
+            return top_p(kw.pop("p", 0.4), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+        if kind == "rank":
+            return rank(kw.pop("rank", 2), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+        if tokens != "all":
+            raise SpecError("prune applies to every token (it models a smaller deployed model)")
+        return prune(kw.pop("keep", {}), **kw)
+
+    return build
+
+
+_CONSTRUCTORS = {kind: _from_fields(kind) for kind in _KINDS}
