@@ -246,7 +246,7 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         indices = np.take_along_axis(indices, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         weights = np.take_along_axis(weights, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         tokens_m, _, k = indices.shape
-        keep = (indices < layout.num_experts).reshape(-1)  # drop empty slots (sentinel index E)
+        keep = _filled_slots(indices, weights, layout.num_experts).reshape(-1)
         routes["prompt_id"].append(np.repeat(row_ids, num_layers * k)[keep])
         routes["position"].append(np.repeat(positions, num_layers * k)[keep])
         routes["layer"].append(np.tile(np.repeat(layer_ids, k), tokens_m)[keep])
@@ -287,6 +287,18 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         cols["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
         tables["logits"] = _sorted_table(cols, layout.logits_schema(), ("prompt_id", "position", "layer"))
     return tables
+
+
+def _filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """[..., k] bool: False on empty slots, i.e. the sentinel index E or a zero-weight repeat of an
+    expert already in an earlier slot (how interventions pad top-p / rank routing to k slots)."""
+    import numpy as np
+
+    num_slots = indices.shape[-1]
+    repeat = np.zeros(indices.shape, dtype=bool)
+    for slot in range(1, num_slots):
+        repeat[..., slot] = (indices[..., :slot] == indices[..., slot : slot + 1]).any(axis=-1)
+    return ~(repeat & (weights == 0)) & (indices < num_experts)
 
 
 def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str]) -> pa.Table:

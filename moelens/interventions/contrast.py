@@ -1,0 +1,116 @@
+"""SCMoE self-contrast decoding ("Unchosen Experts Can Contribute Too").
+
+Per step, with strong logits z_s (default routing, or a ``strong`` spec) and weak logits z_w (the
+``weak`` spec, default rank-2 routing in every MoE layer)::
+
+    z = (1 + beta) * z_s - beta * z_w      on tokens with z_s >= log(alpha) + max(z_s)
+    z = -inf                               elsewhere
+
+then greedy argmax (or sampling from softmax(z / temperature)). Both passes run as ONE batched
+forward per step: rows [0, B) are the strong copies, rows [B, 2B) the weak copies with the weak
+routing applied to those rows only, each row with its own KV cache entries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moelens.interventions.apply import intervene
+from moelens.interventions.spec import Intervention, rank
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ContrastOutput:
+    sequences: torch.Tensor  # [B, prompt + new] left-padded prompt followed by the generated tokens
+    new_tokens: torch.Tensor  # [B, new]; pad after a row finished
+    texts: list[str]  # decoded new tokens per prompt
+
+
+def contrast_logits(strong: torch.Tensor, weak: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
+    """SCMoE's contrasted next-token logits for [..., V] strong and weak logits."""
+    import torch
+
+    cutoff = strong.max(dim=-1, keepdim=True).values + math.log(alpha)
+    contrasted = (1 + beta) * strong - beta * weak
+    return contrasted.masked_fill(strong < cutoff, -torch.inf)
+
+
+def generate_contrast(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    strong: Intervention | None = None,
+    weak: Intervention | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> ContrastOutput:
+    """Generate from ``prompts`` with self-contrast decoding (greedy unless ``do_sample``).
+
+    Args:
+        strong: routing of the strong pass; ``None`` = the model's own top-k routing.
+        weak: routing of the weak pass; ``None`` = ``rank(2)`` (only each token's second-best expert).
+        beta: contrast strength (the paper's typical value 0.5).
+        alpha: plausibility cut-off: tokens whose strong probability is below alpha x the best are excluded.
+    """
+    import torch
+
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    weak = weak if weak is not None else rank(2)
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+    batch = encoded["input_ids"].shape[0]
+    input_ids = encoded["input_ids"].repeat(2, 1)  # [2B, S]: strong copies, then weak copies
+    mask = encoded["attention_mask"].repeat(2, 1)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens = []
+    cache = None
+    step_ids = input_ids
+    with torch.no_grad(), intervene(model, weak, rows=slice(batch, 2 * batch)), _maybe(model, strong, rows=slice(0, batch)):
+        for _ in range(max_new_tokens):
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            output = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+            last = output.logits[:, -1].float()  # [2B, V]
+            scores = contrast_logits(last[:batch], last[batch:], beta=beta, alpha=alpha)
+            if do_sample:
+                probabilities = torch.softmax(scores / temperature, dim=-1)
+                token = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+            else:
+                token = scores.argmax(dim=-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            step_ids = token.repeat(2)[:, None]  # [2B, 1]
+            mask = torch.cat([mask, (~finished).long().repeat(2)[:, None]], dim=1)  # rows done earlier feed padding
+            if eos is not None:
+                finished |= token == eos
+            if bool(finished.all()):
+                break
+    generated = torch.stack(new_tokens, dim=1)
+    return ContrastOutput(
+        sequences=torch.cat([encoded["input_ids"], generated], dim=1),
+        new_tokens=generated,
+        texts=tokenizer.batch_decode(generated, skip_special_tokens=True),
+    )
+
+
+def _maybe(model: nn.Module, spec: Intervention | None, *, rows: slice) -> Any:
+    from contextlib import nullcontext
+
+    return intervene(model, spec, rows=rows) if spec is not None else nullcontext()
