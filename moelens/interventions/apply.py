@@ -261,13 +261,13 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
 def _router_hook(plan: _LayerPlan, current: dict[str, StepTokens | None], rows: slice | None) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         logits, weights = output[0], output[1]
-        new_weights, new_indices = _fill_empty_slots(*_reroute(plan, logits, current["step"], rows), plan.layer.num_experts)
+        new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"], rows), plan.layer.num_experts)
         return (logits, new_weights.to(weights.dtype), new_indices, *output[3:])
 
     return hook
 
 
-def _fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Point empty slots (index E) at the token's first expert with weight 0.
 
     transformers' experts implementations skip the sentinel index E only under expert parallelism
