@@ -185,7 +185,7 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
         found.append(
             MoeLayer(
                 index=index,
-                name=f"{_module_name(model, block)}",
+                name=module_name(model, block),
                 block=block,
                 router=router,
                 experts=experts,
@@ -217,7 +217,8 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise UnsupportedModelError(f"{type(model).__name__} has no `layers` ModuleList of decoder layers.")
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
+def module_name(model: nn.Module, target: nn.Module) -> str:
+    """The dotted path of ``target`` inside ``model`` (e.g. ``model.layers.3.mlp.gate``)."""
     for name, module in model.named_modules():
         if module is target:
             return name

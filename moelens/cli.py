@@ -1,4 +1,4 @@
-"""The ``moelens`` command line: ``collect``, ``zoo``."""
+"""The ``moelens`` command line: ``collect``, ``prune``, ``zoo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -39,7 +40,13 @@ def _build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     collect.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     collect.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs")
+    collect.add_argument("--intervention", type=Path, default=None, help="JSON intervention spec applied while tracing (recorded in the manifest)")
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    prune = commands.add_parser("prune", help="write a checkpoint with the experts a prune spec drops physically removed")
+    prune.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
+    prune.add_argument("spec", type=Path, help='JSON spec: {"interventions": [{"kind": "prune", "keep": {"<layer>": [experts...]}}]}')
+    prune.add_argument("--out", required=True, type=Path)
 
     zoo = commands.add_parser("zoo", help="the built-in models")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -79,7 +86,7 @@ def _is_user_error(error: Exception) -> bool:
     from moelens.store import StoreError
     from moelens.tracer import TraceError
 
-    return isinstance(error, (CollectError, PromptFileError, UnsupportedModelError, ModelNotFoundError, StoreError, TraceError, ValueError))
+    return isinstance(error, (CollectError, PromptFileError, UnsupportedModelError, ModelNotFoundError, StoreError, TraceError, ValueError, FileNotFoundError))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -98,11 +105,28 @@ def _dispatch(args: argparse.Namespace) -> int:
             device_map=args.device_map,
             progress=not args.no_progress,
         )
-        collect(args.model, args.prompts, args.out, options)
+        intervention = _read_spec(args.intervention) if args.intervention else None
+        collect(args.model, args.prompts, args.out, options, intervention=intervention)
+        return 0
+    if args.command == "prune":
+        from moelens.interventions.export import export_pruned
+        from moelens.loading import load
+
+        spec = _read_spec(args.spec)
+        model, tokenizer = load(args.model)
+        print(export_pruned(model, tokenizer, spec, args.out))
         return 0
     if args.command == "zoo":
         return _zoo(args)
     raise AssertionError(args.command)
+
+
+def _read_spec(path: Path) -> Any:
+    from moelens.interventions import Intervention
+
+    if not path.is_file():
+        raise FileNotFoundError(f"intervention spec {path} does not exist")
+    return Intervention.read(str(path))
 
 
 def _zoo(args: argparse.Namespace) -> int:

@@ -201,6 +201,10 @@ def collect(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decode steps append on the right
     _check_lengths(model, tokenizer, records, options)
+    if intervention is not None:
+        from moelens.interventions.apply import bind
+
+        bind(model, intervention)  # a spec that does not fit the model fails before anything is written
     manifest = _manifest(model, model_name, records, prompts_path, options, intervention)
     if rank == 0:
         if options.resume and (out / store.MANIFEST).exists():
@@ -216,7 +220,8 @@ def collect(
         for index, start in enumerate(range(0, len(records), options.shard_size))
         if index % world == rank and store.shard_name(index) not in done
     ]
-    stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
+    with _applied(model, intervention):
+        stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
     _barrier(world)
     if rank == 0:
         manifest = store.read_manifest(out)
@@ -224,6 +229,14 @@ def collect(
         store.write_manifest(out, manifest)
         _summary(out, stats, world)
     return store.read_trace(out)
+
+
+def _applied(model: Any, intervention: Any) -> Any:
+    from contextlib import nullcontext
+
+    from moelens.interventions import intervene
+
+    return intervene(model, intervention) if intervention is not None else nullcontext()
 
 
 def _manifest(model: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:

@@ -40,23 +40,16 @@ def _envoy(wrapper: Any, module_path: str) -> Any:
     return envoy
 
 
-def _router_path(model: Any, layer: Any) -> str:
-    for name, module in model.named_modules():
-        if module is layer.router:
-            return name
-    raise LookupError(f"router of layer {layer.index} not found in the model")
-
-
 def capture_routes(wrapper: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Inside a trace: ``{layer: (weights [T, k], indices [T, k])}`` as the routers returned them, saved."""
     import nnsight
 
-    from moelens.hooks.adapters import moe_layers
+    from moelens.hooks.adapters import module_name, moe_layers
 
     model = _unwrapped(wrapper)
     routes = nnsight.save({})  # saved: nnsight hands it back to the caller's frame after the block
     for layer in moe_layers(model):
-        output = _envoy(wrapper, _router_path(model, layer)).output
+        output = _envoy(wrapper, module_name(model, layer.router)).output
         routes[layer.index] = (output[1], output[2])
     return routes
 
@@ -67,7 +60,8 @@ def steer(wrapper: Any, spec: Intervention) -> None:
     Token-scoped parts (``tokens="prompt"`` ...) are refused: within nnsight, scope with its own
     step selection (``tracer.iter[...]``) instead.
     """
-    from moelens.interventions.apply import fill_empty_slots, bind
+    from moelens.hooks.adapters import module_name
+    from moelens.interventions.apply import bind, fill_empty_slots
     from moelens.kernels.routing import route
 
     scoped = [part.kind for part in spec.parts if part.tokens != "all"]
@@ -75,7 +69,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
         raise SpecError(f"nnsight_ops.steer applies to all tokens; {scoped} parts have a token scope (use tracer.iter[...] to pick steps)")
     model = _unwrapped(wrapper)
     for plan in bind(model, spec):
-        envoy = _envoy(wrapper, _router_path(model, plan.layer))
+        envoy = _envoy(wrapper, module_name(model, plan.layer.router))
         logits, weights = envoy.output[0], envoy.output[1]
         routed = route(logits.float(), plan.rule, correction_bias=plan.correction_bias, controls=plan.scoped[0].controls)
         new_weights, new_indices = fill_empty_slots(*routed, plan.layer.num_experts)

@@ -199,3 +199,20 @@ def test_truncate_keeps_the_beginning(tmp_path, capsys):
     code, err = _run(["collect", MODEL, str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s"), "--truncate", "--no-progress"], capsys)
     assert code == 0 and "truncated to their first 512 tokens" in err
     assert moelens.read_trace(tmp_path / "s").tokens["position"].max() == 511
+
+
+def test_intervention_is_applied_and_recorded(tmp_path, capsys):
+    from moelens.interventions import disable
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(4))
+    spec = disable({1: [0, 1, 2]})
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    code, err = _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s"), "--intervention", str(tmp_path / "spec.json"), "--no-progress"], capsys)
+    assert code == 0, err
+    store = moelens.read_trace(tmp_path / "s")
+    assert store.manifest.intervention == spec.to_dict()
+    assert not store.routes.query("layer == 1")["expert"].isin([0, 1, 2]).any()
+    assert store.routes.query("layer == 2")["expert"].isin([0, 1, 2]).any()
+    (tmp_path / "bad.json").write_text('{"interventions": [{"kind": "disable", "experts": {"0": [1]}}]}')
+    code, err = _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s2"), "--intervention", str(tmp_path / "bad.json"), "--no-progress"], capsys)
+    assert code == 2 and "layer 0 is dense" in err and not (tmp_path / "s2" / "manifest.json").exists()

@@ -356,3 +356,45 @@ def test_contrast_logits_by_hand():
     weak = torch.tensor([[1.0, 3.0, 0.0]])
     got = contrast_logits(strong, weak, beta=0.5, alpha=0.1)  # cutoff: 2 + ln 0.1 = -0.30
     assert got[0, 0] == pytest.approx(1.5 * 2 - 0.5 * 1) and got[0, 1] == pytest.approx(1.5 - 1.5) and got[0, 2] == -math.inf
+
+
+# --- physical pruning -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe"])
+def test_exported_pruned_checkpoint_matches_the_prune_intervention(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    from moelens.interventions.export import export_pruned
+
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    if getattr(model.config, "n_group", 1) not in (None, 1):
+        model.config.n_group = model.config.topk_group = 1  # group routing cannot be pruned physically
+    layers = moe_layers(model)
+    keep_count = max(layers[0].top_k, layers[0].num_experts // 2)
+    keep = {layer.index: sorted(torch.randperm(layer.num_experts, generator=torch.Generator().manual_seed(layer.index))[:keep_count].tolist()) for layer in layers}
+    spec = prune(keep)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), intervene(model, spec), moelens.trace(model) as masked:
+        expected = model(**batch).logits
+    export_pruned(model, tokenizer, spec, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), moelens.trace(reloaded) as physical:
+        got = reloaded(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    remapped = physical.routes.copy()
+    remapped["expert"] = [keep[layer][e] for layer, e in zip(remapped["layer"], remapped["expert"])]
+    assert remapped["expert"].tolist() == masked.routes["expert"].tolist()
+
+
+def test_export_refuses_unequal_or_partial_keep_lists(tmp_path):
+    from moelens.interventions.export import export_pruned
+
+    model, tokenizer = moelens.load("tiny:qwen2_moe")  # MoE layers 1 and 2
+    with pytest.raises(SpecError, match=r"MoE layers \[2\] have no keep list"):
+        export_pruned(model, tokenizer, prune({1: [0, 1, 2]}), tmp_path)
+    with pytest.raises(SpecError, match=r"same number of experts.*\[3, 4\]"):
+        export_pruned(model, tokenizer, prune({1: [0, 1, 2], 2: [0, 1, 2, 3]}), tmp_path)
+    group_model, group_tokenizer = moelens.load("tiny:deepseek_v2")
+    with pytest.raises(SpecError, match="routes within 4 expert groups"):
+        export_pruned(group_model, group_tokenizer, prune({1: list(range(4)), 2: list(range(4))}), tmp_path)
