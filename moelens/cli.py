@@ -1,4 +1,4 @@
-"""The ``moelens`` command line: ``collect``, ``prune``, ``zoo``."""
+"""The ``moelens`` command line: ``collect``, ``analyze``, ``prune``, ``zoo``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
     prune.add_argument("spec", type=Path, help='JSON spec: {"interventions": [{"kind": "prune", "keep": {"<layer>": [experts...]}}]}')
     prune.add_argument("--out", required=True, type=Path)
+
+    from moelens.analysis.cli import add_analyze_parser
+
+    add_analyze_parser(commands)
 
     zoo = commands.add_parser("zoo", help="the built-in models")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -116,6 +120,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         model, tokenizer = load(args.model)
         print(export_pruned(model, tokenizer, spec, args.out))
         return 0
+    if args.command == "analyze":
+        from moelens.analysis.cli import run_analyze
+
+        return run_analyze(args)
     if args.command == "zoo":
         return _zoo(args)
     raise AssertionError(args.command)

@@ -1,0 +1,70 @@
+"""Analyses of routing traces: descriptive statistics, fTRI contrast maps, nPMI, figures.
+
+``import moelens.analysis`` is cheap: each name below loads its module (and pandas, DuckDB,
+plotly) on first use (PEP 562). Every analysis takes a trace (``moelens.read_trace(...)`` or a
+``moelens.trace(...)`` tracer) and returns a tidy pandas DataFrame::
+
+    from moelens import analysis
+    table = analysis.ftri_scores(store, tag="domain", target="code")
+    analysis.write_html(analysis.heatmap(table, "difference"), "ftri.html")
+    spec = analysis.ftri_spec(table, 10, kind="disable")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> (module, attribute); adding an analysis is one line here. A public name must not
+# equal a submodule's name (``ftri``, ``npmi``...): importing the submodule would rebind it.
+_LAZY: dict[str, tuple[str, str]] = {
+    "POSITION_CLASS": ("moelens.analysis.stats", "POSITION_CLASS"),
+    "expert_frequency": ("moelens.analysis.stats", "expert_frequency"),
+    "load_balance": ("moelens.analysis.stats", "load_balance"),
+    "token_entropy": ("moelens.analysis.stats", "token_entropy"),
+    "coactivation": ("moelens.analysis.stats", "coactivation"),
+    "transitions": ("moelens.analysis.stats", "transitions"),
+    "routing_stability": ("moelens.analysis.stats", "routing_stability"),
+    "ftri_scores": ("moelens.analysis.ftri", "ftri_scores"),
+    "ftri_spec": ("moelens.analysis.ftri", "to_spec"),
+    "benjamini_hochberg": ("moelens.analysis.ftri", "benjamini_hochberg"),
+    "npmi_scores": ("moelens.analysis.npmi", "npmi_scores"),
+    "npmi_combined": ("moelens.analysis.npmi", "npmi_combined"),
+    "npmi_spec": ("moelens.analysis.npmi", "to_spec"),
+    "heatmap": ("moelens.analysis.figures", "heatmap"),
+    "ranked_bars": ("moelens.analysis.figures", "ranked_bars"),
+    "coactivation_matrix": ("moelens.analysis.figures", "coactivation_matrix"),
+    "token_view": ("moelens.analysis.figures", "token_view"),
+    "write_html": ("moelens.analysis.figures", "write_html"),
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:
+    from moelens.analysis.figures import coactivation_matrix, heatmap, ranked_bars, token_view, write_html
+    from moelens.analysis.ftri import benjamini_hochberg, ftri_scores
+    from moelens.analysis.ftri import to_spec as ftri_spec
+    from moelens.analysis.npmi import npmi_combined, npmi_scores
+    from moelens.analysis.npmi import to_spec as npmi_spec
+    from moelens.analysis.stats import (
+        POSITION_CLASS,
+        coactivation,
+        expert_frequency,
+        load_balance,
+        routing_stability,
+        token_entropy,
+        transitions,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'moelens.analysis' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, "stats", "ftri", "npmi", "figures"})

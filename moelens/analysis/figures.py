@@ -1,0 +1,157 @@
+"""Plotly figures for the analysis tables; :func:`write_html` exports them to work offline.
+
+Every figure function takes a result table of :mod:`moelens.analysis` (or a trace, for the token
+view) and returns a ``plotly.graph_objects.Figure``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moelens.analysis.stats import literal, query
+
+if TYPE_CHECKING:
+    import os
+
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from moelens.store import TraceTables
+
+# columns whose sign matters get a diverging colour scale centred on 0
+_SIGNED = {"difference", "log_odds", "npmi", "score"}
+
+
+def heatmap(table: pd.DataFrame, value: str, *, title: str | None = None) -> go.Figure:
+    """A layer x expert heatmap of ``table[value]`` (one row per (layer, expert); missing cells blank).
+
+    Works for :func:`~moelens.analysis.ftri.ftri_scores` (``difference``, ``log_odds``), nPMI (``npmi``,
+    ``score``) and :func:`~moelens.analysis.stats.expert_frequency` (``frequency``, ``share``; other
+    grouping columns must be filtered out first).
+    """
+    import plotly.graph_objects as go
+
+    grid = table.pivot_table(index="layer", columns="expert", values=value, aggfunc="first")
+    signed = value in _SIGNED
+    limit = float(abs(grid).max().max()) if signed and grid.size else None
+    figure = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[str(e) for e in grid.columns],
+            y=[str(layer) for layer in grid.index],
+            colorscale="RdBu_r" if signed else "Viridis",
+            zmid=0 if signed else None,
+            zmin=-limit if limit else None,
+            zmax=limit if limit else None,
+            colorbar={"title": {"text": value}},
+            hovertemplate="layer %{y}, expert %{x}<br>" + value + " %{z:.4g}<extra></extra>",
+            name=value,
+        )
+    )
+    figure.update_layout(title=title or f"{value} by layer and expert", xaxis_title="expert", yaxis_title="layer", yaxis_type="category", xaxis_type="category")
+    return figure
+
+
+def ranked_bars(table: pd.DataFrame, value: str, *, n: int = 20, title: str | None = None) -> go.Figure:
+    """Horizontal bars of the first ``n`` rows of a ranked table, labelled ``L<layer> E<expert>``."""
+    import plotly.graph_objects as go
+
+    top = table.head(n)
+    labels = [f"L{layer} E{expert}" for layer, expert in zip(top["layer"], top["expert"])]
+    figure = go.Figure(go.Bar(x=top[value], y=labels, orientation="h", name=value))
+    figure.update_layout(title=title or f"top {len(top)} experts by {value}", xaxis_title=value, yaxis={"autorange": "reversed", "type": "category"})
+    return figure
+
+
+def coactivation_matrix(pairs: pd.DataFrame, layer: int, *, num_experts: int | None = None, title: str | None = None) -> go.Figure:
+    """The symmetric expert x expert co-activation counts of one layer from :func:`~moelens.analysis.stats.coactivation`."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    rows = pairs[pairs["layer"] == layer]
+    size = num_experts or int(max(rows["expert_a"].max(), rows["expert_b"].max(), -1)) + 1
+    matrix = np.zeros((size, size), dtype=np.int64)
+    # several groups (``by``) add up: the matrix shows the layer as a whole
+    np.add.at(matrix, (rows["expert_a"].to_numpy(int), rows["expert_b"].to_numpy(int)), rows["count"].to_numpy(np.int64))
+    matrix = matrix + matrix.T
+    figure = go.Figure(
+        go.Heatmap(z=matrix, colorscale="Viridis", name=f"layer {layer}", hovertemplate="experts %{y} & %{x}: %{z}<extra></extra>")
+    )
+    figure.update_layout(title=title or f"co-activation, layer {layer}", xaxis_title="expert", yaxis_title="expert")
+    return figure
+
+
+def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_line: int = 16, title: str | None = None) -> go.Figure:
+    """A prompt's tokens, each coloured by its top-ranked expert at ``layer``.
+
+    Hovering a token shows every MoE layer's experts and weights for it. Tokens are laid out
+    ``tokens_per_line`` per row.
+    """
+    import numpy as np
+    import plotly.graph_objects as go
+
+    where = f"prompt_id = {literal(prompt_id)}"
+    tokens = query(tables, f"SELECT position, token, token_id FROM tokens WHERE {where} ORDER BY position")
+    if tokens.empty:
+        raise ValueError(f"the trace has no tokens for prompt {prompt_id!r}")
+    routes = query(
+        tables,
+        f"""
+        SELECT position, layer, string_agg('e' || expert || ' ' || printf('%.3f', weight::DOUBLE), ', ' ORDER BY rank) AS experts,
+               arg_min(expert, rank) AS top_expert
+        FROM routes WHERE {where} GROUP BY ALL ORDER BY position, layer
+        """
+    )
+    hover = routes.groupby("position")[["layer", "experts"]].apply(
+        lambda g: "<br>".join(f"L{layer}: {experts}" for layer, experts in zip(g["layer"], g["experts"]))
+    )
+    top = routes[routes["layer"] == layer].set_index("position")["top_expert"]
+    if top.empty:
+        raise ValueError(f"layer {layer} is not a MoE layer of this trace")
+    lines = -(-len(tokens) // tokens_per_line)
+    cells = lines * tokens_per_line
+    shape = (lines, tokens_per_line)
+
+    def grid(values: Sequence[Any], fill: Any) -> np.ndarray:
+        padded = np.full(cells, fill, dtype=object)
+        padded[: len(values)] = list(values)
+        return padded.reshape(shape)
+
+    positions = tokens["position"].to_numpy()
+    labels = [html.escape(str(t if t is not None else tid)) for t, tid in zip(tokens["token"], tokens["token_id"])]
+    z = grid([float(top.get(p, np.nan)) for p in positions], np.nan).astype(float)
+    texts = [
+        f"position {p} {label!s}<br>{hover.get(p, '')}" for p, label in zip(positions, labels)
+    ]
+    figure = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=grid(labels, ""),
+            texttemplate="%{text}",
+            hovertext=grid(texts, ""),
+            hoverinfo="text",
+            colorscale="Turbo",
+            colorbar={"title": {"text": f"top expert, layer {layer}"}},
+            xgap=2,
+            ygap=2,
+            name=f"prompt {prompt_id}",
+        )
+    )
+    figure.update_layout(
+        title=title or f"prompt {prompt_id}: top expert per token at layer {layer}",
+        yaxis={"autorange": "reversed", "showticklabels": False},
+        xaxis={"showticklabels": False},
+        height=120 + 40 * lines,
+    )
+    return figure
+
+
+def write_html(figure: go.Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a standalone HTML file with plotly.js embedded (opens without network)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_html(path, include_plotlyjs=True, full_html=True)
+    return path

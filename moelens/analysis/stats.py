@@ -1,0 +1,319 @@
+"""Descriptive routing statistics over any trace (a store on disk or an in-memory tracer).
+
+Every function takes a :class:`moelens.store.TraceTables` and aggregates in DuckDB over its
+``routes`` / ``tokens`` / ``prompts`` views, so a store never has to fit in memory; the results are
+small tidy pandas DataFrames.
+
+Grouping: every statistic accepts ``by``, a sequence of keys, each either a column of the
+``prompts`` table (a tag such as ``"domain"``) or :data:`POSITION_CLASS`, which classifies each
+token as ``"first"`` (position 0), ``"generated"`` (produced by the model) or ``"prompt"`` (the
+rest). The key columns come first in every result, in the order given.
+
+Entropies are in bits.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
+    import pyarrow as pa
+
+    from moelens.store import TraceTables
+
+POSITION_CLASS = "position_class"
+
+
+# --- shared SQL helpers (also used by ftri and npmi) ----------------------------------------------
+def quote(name: str) -> str:
+    """``name`` as a DuckDB identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: object) -> str:
+    """``value`` as a DuckDB literal (numbers stay numbers, everything else becomes a string)."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, numbers.Real):  # numpy scalars from a DataFrame included
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def table_columns(tables: TraceTables, table: str) -> list[str]:
+    """Column names of one of the trace's views (empty if the trace has no such table)."""
+    rows = connection(tables).execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table]
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def check_tags(tables: TraceTables, tags: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless every name in ``tags`` is a column of the ``prompts`` table."""
+    if not tags:
+        return
+    available = [c for c in table_columns(tables, "prompts") if c not in ("prompt_id", "text")]
+    missing = [t for t in tags if t not in available]
+    if missing:
+        where = f"its prompt tags are {available}" if available else "it has no prompt tags (no `prompts` table or no tag columns)"
+        raise ValueError(f"cannot group by {missing}: {where}; {POSITION_CLASS!r} is also accepted")
+
+
+def with_groups(tables: TraceTables, by: Sequence[str], source: str = "routes") -> str:
+    """SQL for ``source`` (a relation with ``prompt_id`` and ``position``) with one more column per key of ``by``.
+
+    The single place that turns grouping keys into joins: tags come from ``prompts``, the position
+    class from ``tokens``. Without keys, ``source`` is returned unjoined (no cost).
+    """
+    by = list(by)
+    tags = [key for key in by if key != POSITION_CLASS]
+    check_tags(tables, tags)
+    if not by:
+        return f"SELECT * FROM {source}"
+    columns, joins = ["s.*"], []
+    if tags:
+        joins.append("LEFT JOIN prompts AS p ON p.prompt_id = s.prompt_id")
+    if POSITION_CLASS in by:
+        joins.append("LEFT JOIN tokens AS t ON t.prompt_id = s.prompt_id AND t.position = s.position")
+    for key in by:
+        if key == POSITION_CLASS:
+            columns.append(
+                "CASE WHEN s.position = 0 THEN 'first' WHEN t.generated THEN 'generated' ELSE 'prompt' END AS position_class"
+            )
+        else:
+            columns.append(f"p.{quote(key)} AS {quote(key)}")
+    return f"SELECT {', '.join(columns)} FROM {source} AS s {' '.join(joins)}"
+
+
+def key_list(by: Sequence[str], prefix: str = "") -> str:
+    """``by`` as a SQL column list ending in a comma (empty without keys), e.g. for SELECT and GROUP BY."""
+    return "".join(f"{prefix}{quote(key)}, " for key in by)
+
+
+def connection(tables: TraceTables) -> duckdb.DuckDBPyConnection:
+    """The trace's DuckDB connection, tuned for (layer, expert) aggregations.
+
+    DuckDB aggregates with a direct-indexed ("perfect") hash table only when the group keys' types
+    span at most ``perfect_ht_threshold`` bits (default 12); two uint8 keys plus their null bits need
+    18, and the direct table roughly doubles the speed of every GROUP BY layer, expert.
+    """
+    handle = tables.duckdb()
+    handle.execute("SET perfect_ht_threshold = 20")
+    return handle
+
+
+def query(tables: TraceTables, sql: str) -> pd.DataFrame:
+    """Run ``sql`` over the trace's views on the tuned connection; the result as a DataFrame."""
+    return connection(tables).sql(sql).df()
+
+
+def one_row(tables: TraceTables, sql: str, parameters: Sequence[object] = ()) -> tuple:
+    """The single result row of ``sql`` (fetched in full: DuckDB keeps a half-read result open)."""
+    return connection(tables).execute(sql, list(parameters)).fetchall()[0]
+
+
+def moe_layout(tables: TraceTables) -> tuple[list[int], int]:
+    """(MoE layer ids in order, number of routed experts) of the trace's model."""
+    manifest = getattr(tables, "manifest", None)
+    if manifest is not None:
+        return list(manifest.moe_layers), manifest.layout.num_experts
+    if callable(getattr(tables, "layout", None)) and hasattr(tables, "layers"):  # an in-memory Tracer
+        return [layer.index for layer in tables.layers], tables.layout().num_experts
+    layers, top = one_row(tables, "SELECT list(DISTINCT layer ORDER BY layer), max(expert) FROM routes")
+    return list(layers), int(top) + 1
+
+
+# --- per (layer, expert) -------------------------------------------------------------------------
+def expert_frequency(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Selection frequency and mean weight of every (layer, expert), never-selected experts included.
+
+    Columns: ``*by, layer, expert, selections, tokens, frequency, share, mean_weight`` where
+    ``selections`` counts the tokens that chose the expert (top-k, any rank), ``tokens`` the tokens
+    routed at that layer in the group, ``frequency = selections / tokens`` (in [0, 1]), ``share`` the
+    expert's fraction of all selections at that layer (sums to 1 per layer and group) and
+    ``mean_weight`` the mean routing weight over its selections (NaN if never selected).
+    """
+    import pandas as pd
+
+    by = list(by)
+    keys = key_list(by)
+    # rank-0 rows count the routed tokens; their per-layer sum is taken in pandas, as a window
+    # function over the aggregate would slow DuckDB's plan down
+    counts = query(
+        tables,
+        f"""
+        SELECT {keys} layer, expert, count(*) AS selections, avg(weight::DOUBLE) AS mean_weight,
+               count(*) FILTER (WHERE rank = 0) AS routed_tokens
+        FROM ({with_groups(tables, by)}) GROUP BY ALL
+        """,
+    )
+    layers, num_experts = moe_layout(tables)
+    groups = counts[by].drop_duplicates() if by else pd.DataFrame(index=[0])
+    grid = groups.merge(pd.DataFrame({"layer": layers}), how="cross").merge(pd.DataFrame({"expert": range(num_experts)}), how="cross")
+    counts = counts.astype({"layer": "int64", "expert": "int64"})
+    frame = grid.merge(counts, on=[*by, "layer", "expert"], how="left")
+    frame["selections"] = frame["selections"].fillna(0).astype("int64")
+    frame["tokens"] = frame.groupby([*by, "layer"], dropna=False)["routed_tokens"].transform("sum").fillna(0).astype("int64")
+    frame["frequency"] = frame["selections"] / frame["tokens"].where(frame["tokens"] > 0)
+    layer_total = frame.groupby([*by, "layer"], dropna=False)["selections"].transform("sum")
+    frame["share"] = frame["selections"] / layer_total.where(layer_total > 0)
+    columns = [*by, "layer", "expert", "selections", "tokens", "frequency", "share", "mean_weight"]
+    return frame[columns].sort_values([*by, "layer", "expert"]).reset_index(drop=True)
+
+
+def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Load-balance measures per layer over the expert loads (selection counts, zeros included).
+
+    Columns: ``*by, layer, experts, selections, cv, gini, max_over_mean, entropy, normalized_entropy``:
+    ``cv`` = population standard deviation / mean of the loads, ``gini`` = sum_ij |x_i - x_j| /
+    (2 n^2 mean) (0: perfectly balanced, (n-1)/n: one expert takes everything), ``max_over_mean`` the
+    busiest expert's load over the mean, ``entropy`` the entropy (bits) of the load distribution
+    (the per-layer routing entropy) and ``normalized_entropy`` = entropy / log2(experts).
+    Pass ``frequency`` (an :func:`expert_frequency` result with the same ``by``) to skip re-reading.
+    """
+    import numpy as np
+    import pandas as pd
+
+    by = list(by)
+    frequency = expert_frequency(tables, by) if frequency is None else frequency
+    rows = []
+    for key, group in frequency.groupby([*by, "layer"], sort=True, dropna=False):
+        loads = group["selections"].to_numpy(dtype=np.float64)
+        n, mean = loads.size, loads.mean()
+        shares = loads[loads > 0] / loads.sum() if loads.sum() > 0 else np.array([])
+        entropy = float(-(shares * np.log2(shares)).sum())
+        rows.append(
+            {
+                **dict(zip([*by, "layer"], key if isinstance(key, tuple) else (key,))),
+                "experts": n,
+                "selections": int(loads.sum()),
+                "cv": loads.std() / mean if mean > 0 else np.nan,
+                "gini": np.abs(loads[:, None] - loads[None, :]).sum() / (2 * n * n * mean) if mean > 0 else np.nan,
+                "max_over_mean": loads.max() / mean if mean > 0 else np.nan,
+                "entropy": entropy,
+                "normalized_entropy": entropy / np.log2(n) if n > 1 else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: bool = False) -> pd.DataFrame:
+    """Routing entropy of each token: the entropy (bits) of its selected weights normalised to sum 1.
+
+    With ``per_token=False`` (default) a summary per layer, columns ``*by, layer, tokens,
+    mean_entropy, std_entropy, max_possible`` (``max_possible`` = log2 of the largest number of
+    experts a token chose there). With ``per_token=True`` one row per token and layer:
+    ``prompt_id, position, *by, layer, experts, entropy``. Weights are assumed non-negative.
+    """
+    by = list(by)
+    keys = key_list(by)
+    # H = log2(S) - sum(w log2 w) / S with S = sum(w): one GROUP BY pass instead of a window
+    per_token_sql = f"""
+        SELECT prompt_id, position, {keys} layer, count(*) AS experts,
+               greatest(log2(sum(weight::DOUBLE))
+                        - sum(CASE WHEN weight > 0 THEN weight::DOUBLE * log2(weight::DOUBLE) ELSE 0 END) / sum(weight::DOUBLE), 0)
+                   AS entropy
+        FROM ({with_groups(tables, by)}) GROUP BY ALL
+    """
+    if per_token:
+        return query(tables, per_token_sql + " ORDER BY ALL")
+    return query(
+        tables,
+        f"""
+        SELECT {keys} layer, count(*) AS tokens, avg(entropy) AS mean_entropy, stddev_pop(entropy) AS std_entropy,
+               log2(max(experts)) AS max_possible
+        FROM ({per_token_sql}) GROUP BY ALL ORDER BY ALL
+        """
+    )
+
+
+# --- co-activation ---------------------------------------------------------------------------------
+def coactivation(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+    """How often two experts of the same layer are chosen together for the same token.
+
+    Columns: ``*by, layer, expert_a, expert_b, count`` with ``expert_a < expert_b``; pairs never
+    chosen together are absent.
+    """
+    by = list(by)
+    return query(
+        tables,
+        f"""
+        SELECT {key_list(by, 'a.')} a.layer, a.expert AS expert_a, b.expert AS expert_b, count(*) AS count
+        FROM ({with_groups(tables, by)}) AS a
+        JOIN routes AS b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer AND a.expert < b.expert
+        GROUP BY ALL ORDER BY ALL
+        """
+    )
+
+
+def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | None = None) -> pd.DataFrame:
+    """Expert-to-expert transitions between consecutive MoE layers, counted per token.
+
+    For a token choosing expert ``e`` at MoE layer ``l`` and ``f`` at the next MoE layer ``m``, the pair
+    (e, f) counts once (k x k pairs per token and layer pair). ``ranks`` restricts both sides to the
+    first ``ranks`` experts (e.g. 1: top-1 to top-1). Columns: ``*by, layer, next_layer, expert,
+    next_expert, count``; absent pairs never occurred.
+    """
+    by = list(by)
+    layers, _ = moe_layout(tables)
+    if len(layers) < 2:
+        raise ValueError(f"transitions need at least two MoE layers; this trace has {layers}")
+    pairs = ", ".join(f"({a}, {b})" for a, b in zip(layers, layers[1:]))
+    rank_filter = f"AND a.rank < {int(ranks)} AND b.rank < {int(ranks)}" if ranks is not None else ""
+    return query(
+        tables,
+        f"""
+        WITH successor(layer, next_layer) AS (VALUES {pairs})
+        SELECT {key_list(by, 'a.')} a.layer, n.next_layer, a.expert, b.expert AS next_expert, count(*) AS count
+        FROM ({with_groups(tables, by)}) AS a
+        JOIN successor AS n ON n.layer = a.layer
+        JOIN routes AS b ON b.prompt_id = a.prompt_id AND b.position = a.position AND b.layer = n.next_layer
+        WHERE TRUE {rank_filter}
+        GROUP BY ALL ORDER BY ALL
+        """
+    )
+
+
+# --- stability between two traces --------------------------------------------------------------------
+def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+    """The fraction of tokens whose expert SET changes between two traces of the same prompts, per layer.
+
+    Tokens are matched on (prompt_id, position) and layer; the order and weights of the experts do not
+    matter, only which experts were chosen. Groups (``by``) are read from ``tables``. Columns:
+    ``*by, layer, tokens, changed, changed_fraction, mean_jaccard, unmatched`` where ``tokens`` counts
+    the matched tokens, ``mean_jaccard`` is the mean |A & B| / |A | B| of the two sets and
+    ``unmatched`` the tokens of ``tables`` at that layer absent from ``other``. Holds one row per
+    (token, layer) of each trace in memory (the sets, not the events).
+    """
+    import duckdb
+
+    by = list(by)
+
+    def expert_sets(trace: TraceTables, grouping: Sequence[str]) -> pa.Table:
+        return connection(trace).sql(
+            f"""
+            SELECT prompt_id::VARCHAR AS prompt_id, position::BIGINT AS position, {key_list(grouping)}
+                   layer::BIGINT AS layer, list(expert::INTEGER ORDER BY expert) AS experts
+            FROM ({with_groups(trace, grouping)}) GROUP BY ALL
+            """
+        ).to_arrow_table()
+
+    joiner = duckdb.connect()
+    joiner.register("a", expert_sets(tables, by))
+    joiner.register("b", expert_sets(other, ()))
+    return joiner.sql(
+        f"""
+        SELECT {key_list(by, 'a.')} a.layer,
+               count(b.experts) AS tokens,
+               count(*) FILTER (WHERE b.experts IS NOT NULL AND a.experts <> b.experts) AS changed,
+               changed / nullif(tokens, 0) AS changed_fraction,
+               avg(len(list_intersect(a.experts, b.experts)) / len(list_distinct(list_concat(a.experts, b.experts))))
+                   FILTER (WHERE b.experts IS NOT NULL) AS mean_jaccard,
+               count(*) FILTER (WHERE b.experts IS NULL) AS unmatched
+        FROM a LEFT JOIN b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer
+        GROUP BY ALL ORDER BY ALL
+        """
+    ).df()

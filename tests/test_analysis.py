@@ -1,0 +1,383 @@
+"""Store-based analyses against independent ground truth: stores with planted structure, hand-computed values."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import moelens
+from moelens import analysis
+from moelens.store import Manifest, StoreLayout, write_manifest, write_shard
+
+LAYERS = [1, 2]  # MoE layer ids (layer 0 is dense, as in the tiny models)
+EXPERTS = 8
+TOP_K = 2
+
+
+def write_store(root: Path, routes: list[tuple], tokens: list[tuple], prompts: list[dict], *, experts: int = EXPERTS, top_k: int = TOP_K) -> moelens.store.StoredTrace:
+    """A store in the declared schema from plain rows.
+
+    routes: (prompt_id, position, layer, rank, expert, weight); tokens: (prompt_id, position, token, generated).
+    """
+    layout = StoreLayout(num_layers=max(LAYERS) + 1, num_experts=experts, top_k=top_k, max_positions=1024)
+    route_columns = dict(zip(["prompt_id", "position", "layer", "rank", "expert", "weight"], map(list, zip(*routes))))
+    route_columns["weight"] = np.asarray(route_columns["weight"], dtype=np.float16)
+    token_columns = dict(zip(["prompt_id", "position", "token", "generated"], map(list, zip(*tokens))))
+    token_columns["token_id"] = [0] * len(tokens)
+    prompt_table = pa.Table.from_pylist(prompts)
+    prompt_table = prompt_table.set_column(0, "prompt_id", prompt_table["prompt_id"].cast(pa.uint32()))
+    root.mkdir(parents=True)
+    write_shard(
+        root,
+        0,
+        {
+            "prompts": prompt_table,
+            "tokens": pa.Table.from_pydict(token_columns, schema=layout.tokens_schema()),
+            "routes": pa.Table.from_pydict(route_columns, schema=layout.routes_schema()),
+        },
+    )
+    manifest = Manifest(model="synthetic", config_hash="0", family="synthetic", layout=layout, moe_layers=LAYERS, moelens_version="test", transformers_version="test", shards=["shard-000000"])
+    write_manifest(root, manifest)
+    return moelens.read_trace(root)
+
+
+def routed(choices: dict[tuple[int, int, int], list[int]], weights: tuple[float, ...] = (0.75, 0.25)) -> list[tuple]:
+    """Routes rows from {(prompt, position, layer): [experts by rank]}."""
+    return [(p, pos, layer, rank, e, weights[rank]) for (p, pos, layer), experts in choices.items() for rank, e in enumerate(experts)]
+
+
+def random_choices(rng: np.random.Generator, lengths: dict[int, int], *, experts: int = EXPERTS, top_k: int = TOP_K) -> dict[tuple[int, int, int], list[int]]:
+    return {(p, pos, layer): list(rng.choice(experts, top_k, replace=False)) for p, n in lengths.items() for pos in range(n) for layer in LAYERS}
+
+
+# --- descriptive statistics ----------------------------------------------------------------------------
+@pytest.fixture
+def small_store(tmp_path):
+    """One prompt of 4 tokens (the last generated); layer 1 sets {0,1},{0,1},{0,2},{0,3}; layer 2 all {4,5}."""
+    sets = [[0, 1], [0, 1], [0, 2], [0, 3]]
+    choices = {(0, pos, 1): s for pos, s in enumerate(sets)} | {(0, pos, 2): [4, 5] for pos in range(4)}
+    rows = routed(choices)
+    # layer 2 weights are equal: entropy exactly 1 bit
+    rows = [(p, pos, layer, rank, e, 0.5 if layer == 2 else w) for p, pos, layer, rank, e, w in rows]
+    tokens = [(0, pos, f"t{pos}", pos == 3) for pos in range(4)]
+    return write_store(tmp_path / "small", rows, tokens, [{"prompt_id": 0, "text": "x", "domain": "en"}])
+
+
+def test_frequency_load_balance_and_entropy_match_hand_computed_values(small_store):
+    frequency = analysis.expert_frequency(small_store).set_index(["layer", "expert"])
+    assert frequency.loc[(1, 0), "frequency"] == 1.0 and frequency.loc[(1, 1), "frequency"] == 0.5
+    assert frequency.loc[(1, 7), "selections"] == 0 and frequency.loc[(1, 0), "tokens"] == 4
+    assert frequency.loc[(1, 0), "mean_weight"] == pytest.approx(0.75)
+    assert frequency.loc[(1, 0), "share"] == pytest.approx(4 / 8)
+
+    balance = analysis.load_balance(small_store).set_index("layer")
+    # layer 1 loads over 8 experts: [4, 2, 1, 1, 0, 0, 0, 0], mean 1
+    loads = [4, 2, 1, 1, 0, 0, 0, 0]
+    assert balance.loc[1, "cv"] == pytest.approx(math.sqrt(sum((x - 1) ** 2 for x in loads) / 8))
+    assert balance.loc[1, "gini"] == pytest.approx(sum(abs(a - b) for a in loads for b in loads) / (2 * 64 * 1))
+    assert balance.loc[1, "max_over_mean"] == 4.0
+    assert balance.loc[1, "entropy"] == pytest.approx(1.75)  # shares 1/2, 1/4, 1/8, 1/8
+    assert balance.loc[2, "entropy"] == pytest.approx(1.0)
+
+    entropy = analysis.token_entropy(small_store).set_index("layer")
+    assert entropy.loc[1, "mean_entropy"] == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)), abs=1e-3)
+    assert entropy.loc[2, "mean_entropy"] == pytest.approx(1.0) and entropy.loc[2, "tokens"] == 4
+    per_token = analysis.token_entropy(small_store, per_token=True)
+    assert len(per_token) == 8 and set(per_token.columns) >= {"prompt_id", "position", "layer", "entropy"}
+
+
+def test_statistics_group_by_position_class_and_tag(small_store):
+    frequency = analysis.expert_frequency(small_store, ["domain", "position_class"])
+    assert list(frequency.columns[:2]) == ["domain", "position_class"]
+    generated = frequency[(frequency.position_class == "generated") & (frequency.layer == 1)].set_index("expert")
+    assert generated.loc[3, "frequency"] == 1.0 and generated.loc[1, "frequency"] == 0.0 and generated.loc[0, "tokens"] == 1
+    prompt = frequency[(frequency.position_class == "prompt") & (frequency.layer == 1)].set_index("expert")
+    assert prompt.loc[1, "selections"] == 1 and prompt.loc[2, "selections"] == 1 and prompt.loc[0, "tokens"] == 2
+    assert set(frequency.position_class) == {"first", "prompt", "generated"} and set(frequency.domain) == {"en"}
+    assert set(analysis.load_balance(small_store, ["position_class"]).position_class) == {"first", "prompt", "generated"}
+    with pytest.raises(ValueError, match="cannot group by.*'colour'"):
+        analysis.expert_frequency(small_store, ["colour"])
+
+
+@pytest.fixture
+def random_store(tmp_path):
+    rng = np.random.default_rng(3)
+    lengths = {0: 7, 1: 5, 2: 9}
+    choices = random_choices(rng, lengths, top_k=3)
+    rows = routed(choices, weights=(0.5, 0.3, 0.2))
+    tokens = [(p, pos, "x", False) for p, n in lengths.items() for pos in range(n)]
+    prompts = [{"prompt_id": p, "text": "x", "domain": "ab"[p % 2]} for p in lengths]
+    return write_store(tmp_path / "random", rows, tokens, prompts, top_k=3), choices
+
+
+def test_coactivation_and_transitions_match_a_brute_force_count(random_store):
+    store, choices = random_store
+    pairs = Counter()
+    for (_prompt, _position, layer), experts in choices.items():
+        for a, b in itertools.combinations(sorted(experts), 2):
+            pairs[(layer, a, b)] += 1
+    got = analysis.coactivation(store)
+    assert dict(zip(zip(got.layer, got.expert_a, got.expert_b), got["count"])) == pairs
+
+    steps = Counter()
+    for (p, pos, layer), experts in choices.items():
+        if layer == 1:
+            for a, b in itertools.product(experts, choices[(p, pos, 2)]):
+                steps[(a, b)] += 1
+    moves = analysis.transitions(store)
+    assert set(moves.layer) == {1} and set(moves.next_layer) == {2}
+    assert dict(zip(zip(moves.expert, moves.next_expert), moves["count"])) == steps
+    top1 = analysis.transitions(store, ranks=1)
+    assert top1["count"].sum() == sum(1 for key in choices if key[2] == 1)
+
+    by_domain = analysis.coactivation(store, ["domain"])
+    assert by_domain["count"].sum() == got["count"].sum() and set(by_domain.domain) == {"a", "b"}
+
+
+def test_stability_counts_the_tokens_whose_expert_set_changed(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = {p: 10 for p in range(4)}
+    base = random_choices(rng, lengths)
+    tokens = [(p, pos, "x", False) for p, n in lengths.items() for pos in range(n)]
+    prompts = [{"prompt_id": p, "text": "x", "domain": "ab"[p % 2]} for p in lengths]
+    changed = {(p, pos, 1) for p in range(4) for pos in range(3)}  # 12 of 40 tokens at layer 1
+    other = {}
+    for key, experts in base.items():
+        if key in changed:
+            other[key] = [experts[0], next(e for e in range(EXPERTS) if e not in experts)]
+        elif key[2] == 2:
+            other[key] = experts[::-1]  # same set, other order: not a change
+        else:
+            other[key] = experts
+    a = write_store(tmp_path / "a", routed(base), tokens, prompts)
+    b = write_store(tmp_path / "b", routed(other), tokens, prompts)
+    result = analysis.routing_stability(a, b).set_index("layer")
+    assert result.loc[1, "changed"] == 12 and result.loc[1, "changed_fraction"] == pytest.approx(0.3)
+    assert result.loc[2, "changed_fraction"] == 0.0 and result.loc[2, "mean_jaccard"] == 1.0
+    assert result.loc[1, "mean_jaccard"] == pytest.approx((28 + 12 / 3) / 40)  # a changed pair shares 1 of 3 experts
+    assert (result["unmatched"] == 0).all()
+    assert analysis.routing_stability(a, b, ["domain"])["changed"].sum() == 12
+
+
+# --- fTRI ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def planted_domains(tmp_path):
+    """12 prompts per domain a/b/c; layer 2 expert 5 leads every token of domain a and is never chosen elsewhere."""
+    rng = np.random.default_rng(1)
+    domains = {p: "abc"[p % 3] for p in range(36)}
+    lengths = {p: int(rng.integers(6, 12)) for p in domains}
+    choices = {}
+    for p, pos, layer in ((p, pos, layer) for p, n in lengths.items() for pos in range(n) for layer in LAYERS):
+        pool = [e for e in range(EXPERTS) if e != 5 or layer != 2]
+        experts = list(rng.choice(pool, TOP_K, replace=False))
+        if layer == 2 and domains[p] == "a":
+            experts = [5, experts[0]]
+        choices[(p, pos, layer)] = experts
+    tokens = [(p, pos, "x", False) for p, n in lengths.items() for pos in range(n)]
+    prompts = [{"prompt_id": p, "text": "x", "domain": d} for p, d in domains.items()]
+    return write_store(tmp_path / "domains", routed(choices), tokens, prompts), choices, domains, lengths
+
+
+def test_ftri_ranks_the_planted_expert_first_with_a_small_adjusted_p(planted_domains):
+    store, *_ = planted_domains
+    table = analysis.ftri_scores(store, "domain", "a", permutations=999, seed=0)
+    top = table.iloc[0]
+    assert (top.layer, top.expert, top["rank"]) == (2, 5, 1)
+    assert top.target_rate == 1.0 and top.reference_rate == 0.0 and top.difference == 1.0
+    assert top.log_odds > 5 and top.p_value == pytest.approx(1 / 1000) and top.q_value < 0.02
+    # layer 1 is random everywhere; (layer 2 is not: domain a has one free slot there, the others two)
+    assert (table[table.layer == 1].q_value > 0.05).mean() > 0.7
+    assert len(table) == len(LAYERS) * EXPERTS and table.target_prompts.iloc[0] == 12 and table.reference_prompts.iloc[0] == 24
+
+    against_a = analysis.ftri_scores(store, "domain", "b", permutations=199)
+    last = against_a.iloc[-1]
+    assert (last.layer, last.expert) == (2, 5) and last.difference < 0 and last.log_odds < 0
+
+
+def test_ftri_rates_are_per_prompt_means_and_reference_groups_weigh_equally(planted_domains):
+    store, choices, domains, lengths = planted_domains
+    table = analysis.ftri_scores(store, "domain", "b", reference=["a", "c"], permutations=0).set_index(["layer", "expert"])
+
+    def group_mean(domain: str, layer: int, expert: int) -> float:
+        rates = [sum(expert in choices[(p, pos, layer)] for pos in range(n)) / n for p, n in lengths.items() if domains[p] == domain]
+        return sum(rates) / len(rates)
+
+    for layer, expert in [(1, 0), (2, 5), (2, 3)]:
+        row = table.loc[(layer, expert)]
+        assert row.target_rate == pytest.approx(group_mean("b", layer, expert))
+        assert row.reference_rate == pytest.approx((group_mean("a", layer, expert) + group_mean("c", layer, expert)) / 2)
+    assert table.p_value.isna().all()
+    only_c = analysis.ftri_scores(store, "domain", "b", reference="c", permutations=0)
+    assert only_c.reference_prompts.iloc[0] == 12
+    with pytest.raises(ValueError, match="no prompt has domain = 'z'"):
+        analysis.ftri_scores(store, "domain", "z")
+
+
+def test_benjamini_hochberg_matches_the_step_up_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
+    # sorted 0.01, 0.03, 0.04, 0.2 -> p*m/i = 0.04, 0.06, 0.0533, 0.2 -> running minimum from the top
+    expected = np.array([0.04, 0.0533333, 0.0533333, 0.2, np.nan])
+    np.testing.assert_allclose(analysis.benjamini_hochberg(p), expected, rtol=1e-5)
+
+
+# --- nPMI ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def marker_store(tmp_path):
+    """40 tokens over 2 prompts; 5 are <think>, 3 are </think>. Layer 1: expert 3 at every <think> and 5 other
+    tokens; expert 6 never with <think>; expert 7 at every </think> and nowhere else."""
+    think = {(0, 2), (0, 9), (1, 1), (1, 5), (1, 12)}
+    close = {(0, 15), (1, 18), (0, 4)}
+    also_three = {(0, 0), (0, 1), (1, 0), (1, 3), (1, 19)}
+    choices = {}
+    for p, pos in itertools.product(range(2), range(20)):
+        first = 3 if (p, pos) in think | also_three else 7 if (p, pos) in close else 6 if pos % 2 else 0
+        choices[(p, pos, 1)] = [first, 1]
+        choices[(p, pos, 2)] = [2, 4]
+    token = lambda p, pos: "<think>" if (p, pos) in think else "</think>" if (p, pos) in close else f"w{pos}"  # noqa: E731
+    tokens = [(p, pos, token(p, pos), False) for p, pos in itertools.product(range(2), range(20))]
+    prompts = [{"prompt_id": 0, "text": "x", "domain": "math"}, {"prompt_id": 1, "text": "y", "domain": "code"}]
+    return write_store(tmp_path / "markers", routed(choices), tokens, prompts)
+
+
+def test_npmi_of_a_planted_expert_equals_the_hand_computed_value(marker_store):
+    table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=0).set_index(["layer", "expert"])
+    # expert 3 of layer 1: joint 5, expert 10, condition 5, T = 40 -> log(4) / log(8) = 2/3
+    row = table.loc[(1, 3)]
+    assert (row.joint, row.expert_count, row.condition_count, row.tokens) == (5, 10, 5, 40)
+    assert row.npmi == pytest.approx(math.log((5 / 40) / ((10 / 40) * (5 / 40))) / -math.log(5 / 40))
+    assert row.npmi == pytest.approx(2 / 3)
+    assert table.loc[(1, 6), "npmi"] == -1.0  # never together
+    assert table.loc[(2, 2), "npmi"] == pytest.approx(0.0)  # always selected: independent of everything
+    ranked = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=5)
+    assert (ranked.iloc[0].layer, ranked.iloc[0].expert) == (1, 3) and (ranked.joint >= 5).all()
+    by_regex = analysis.npmi_scores(marker_store, regex="^<think>$", min_count=0).set_index(["layer", "expert"])
+    assert by_regex.loc[(1, 3), "npmi"] == row.npmi
+
+
+def test_npmi_edge_cases_and_tag_condition(marker_store):
+    from moelens.analysis.npmi import npmi_from_counts
+
+    assert npmi_from_counts(10, 10, 10, 10) == 1.0  # p(x,y) = 1
+    assert npmi_from_counts(0, 3, 4, 10) == -1.0
+    assert npmi_from_counts(5, 5, 5, 10) == pytest.approx(1.0)  # x iff y
+    by_tag = analysis.npmi_scores(marker_store, tag={"domain": "math"}, min_count=0).set_index(["layer", "expert"])
+    # condition = the 20 tokens of prompt 0; expert 3 of layer 1 is chosen at 2 + 2 = 4 of them, 10 overall
+    row = by_tag.loc[(1, 3)]
+    assert (row.joint, row.condition_count) == (4, 20)
+    assert row.npmi == pytest.approx(math.log((4 / 40) / ((10 / 40) * (20 / 40))) / -math.log(4 / 40))
+    with pytest.raises(ValueError, match="exactly one condition"):
+        analysis.npmi_scores(marker_store, markers=["<think>"], regex="x")
+
+
+def test_combined_npmi_sums_signed_scores(marker_store):
+    table = analysis.npmi_combined(marker_store, ["+<think>", "-</think>"], min_count=0).set_index(["layer", "expert"])
+    single = {m: analysis.npmi_scores(marker_store, markers=[m], min_count=0).set_index(["layer", "expert"]) for m in ("<think>", "</think>")}
+    for key in [(1, 3), (1, 7), (1, 1)]:
+        assert table.loc[key, "score"] == pytest.approx(single["<think>"].loc[key, "npmi"] - single["</think>"].loc[key, "npmi"])
+        assert table.loc[key, "joint[</think>]"] == single["</think>"].loc[key, "joint"]
+    assert table.loc[(1, 7), "npmi[</think>]"] == pytest.approx(1.0)  # chosen exactly at </think>
+    supported = analysis.npmi_combined(marker_store, ["<think>", "-</think>"], min_count=5)
+    assert list(zip(supported.layer, supported.expert))[0] == (1, 3) and (supported["joint[<think>]"] >= 5).all()
+
+
+# --- figures, specs, CLI, API ---------------------------------------------------------------------------
+def test_figures_embed_plotly_and_hold_the_expected_traces(marker_store, tmp_path):
+    table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=0)
+    figures = {
+        "heatmap": (analysis.heatmap(table, "npmi"), "heatmap"),
+        "bars": (analysis.ranked_bars(table, "npmi", n=5), "bar"),
+        "pairs": (analysis.coactivation_matrix(analysis.coactivation(marker_store), 1, num_experts=EXPERTS), "heatmap"),
+        "tokens": (analysis.token_view(marker_store, 0, 1, tokens_per_line=8), "heatmap"),
+    }
+    for name, (figure, kind) in figures.items():
+        assert [trace.type for trace in figure.data] == [kind], name
+        text = analysis.write_html(figure, tmp_path / f"{name}.html").read_text()
+        assert '<script src="http' not in text and "plotly.js v" in text and len(text) > 1_000_000, name
+    heat = figures["heatmap"][0].data[0]
+    assert np.asarray(heat.z).shape == (2, EXPERTS) and heat.z[0][3] == pytest.approx(2 / 3)
+    assert len(figures["bars"][0].data[0].y) == 5
+    pairs = np.asarray(figures["pairs"][0].data[0].z)
+    assert (pairs == pairs.T).all() and pairs[1, 3] == 10
+    view = figures["tokens"][0].data[0]
+    assert np.asarray(view.z).shape == (3, 8) and view.z[0][2] == 3  # token 2 of prompt 0 (<think>) leads with expert 3
+    assert view.text[0][2] == "&lt;think&gt;" and "L1: e3 0.750, e1 0.250<br>L2: e2 0.750, e4 0.250" in view.hovertext[0][2]
+
+
+def test_top_experts_become_intervention_specs(planted_domains, marker_store):
+    from moelens.interventions import disable, reweight
+
+    store, *_ = planted_domains
+    table = analysis.ftri_scores(store, "domain", "a", permutations=0)
+    disabled = analysis.ftri_spec(table, 1, kind="disable").to_dict()
+    forced = analysis.ftri_spec(table, 3, kind="force").to_dict()
+    assert "5" in json.dumps(disabled) and disabled != forced
+    npmi_table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=5)
+    spec = analysis.npmi_spec(npmi_table, 1, factor=64.0, renormalize=True)
+    assert spec.to_dict() == reweight({1: [3]}, 64.0, renormalize=True).to_dict()
+    assert analysis.ftri_spec(table, 1).to_dict() == disable({2: [5]}).to_dict()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        analysis.ftri_spec(table, 1, kind="boost")
+
+
+def _analyze(argv: list[str]) -> int:
+    from moelens.analysis.cli import add_analyze_parser, run_analyze
+
+    parser = argparse.ArgumentParser(prog="moelens")
+    add_analyze_parser(parser.add_subparsers(dest="command", required=True))
+    return run_analyze(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv, files",
+    [
+        (["stats", "--by", "domain", "--by", "position_class"], ["frequency.csv", "load_balance.csv", "token_entropy.csv", "coactivation.csv", "transitions.csv", "frequency.html", "coactivation_layer1.html"]),
+        (["ftri", "--tag", "domain", "--target", "math", "--permutations", "50", "--spec", "2"], ["ftri.csv", "ftri_heatmap.html", "ftri_top.html", "spec.json"]),
+        (["npmi", "--marker", "+<think>", "--marker=-</think>", "--min-count", "1"], ["npmi.csv", "npmi_heatmap.html", "npmi_top.html"]),
+        (["npmi", "--tag", "domain=code", "--spec", "1", "--factor", "8"], ["npmi.csv", "spec.json"]),
+    ],
+    ids=["stats", "ftri", "npmi-markers", "npmi-tag"],
+)
+def test_cli_writes_tables_and_figures(marker_store, tmp_path, argv, files, capsys):
+    out = tmp_path / "out"
+    assert _analyze(["analyze", argv[0], str(marker_store.root), "--out", str(out), *argv[1:]]) == 0
+    for name in files:
+        assert (out / name).is_file(), name
+    assert str(out / files[0]) in capsys.readouterr().out
+    table = pd.read_csv(out / files[0])
+    assert len(table) > 0
+
+
+def test_stats_work_on_an_in_memory_trace_like_on_its_store(tmp_path, capsys):
+    import torch
+
+    from moelens.cli import main
+
+    texts = ["The quick brown fox", "def add(a, b): return a + b"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": t, "domain": d}) + "\n" for t, d in zip(texts, ["en", "code"])))
+    assert main(["collect", "tiny:qwen2_moe", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    model, tokenizer = moelens.load("tiny:qwen2_moe")
+    with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as tracer:
+        for text in texts:
+            model(**tokenizer([text], return_tensors="pt"))
+    stored = moelens.read_trace(tmp_path / "s")
+    pd.testing.assert_frame_equal(analysis.expert_frequency(tracer), analysis.expert_frequency(stored), check_dtype=False)
+    assert analysis.routing_stability(tracer, stored)["changed"].sum() == 0
+    assert len(analysis.token_view(tracer, 0, 1).data) == 1
+    with pytest.raises(ValueError, match="no prompt tags"):
+        analysis.expert_frequency(tracer, ["domain"])
+
+
+def test_importing_the_analysis_module_is_cheap():
+    code = "import sys, moelens.analysis as a; heavy = {'pandas', 'duckdb', 'plotly', 'numpy'} & set(sys.modules); assert not heavy, heavy; assert callable(a.npmi_scores)"
+    subprocess.run([sys.executable, "-c", code], check=True)
