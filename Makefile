@@ -24,8 +24,11 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python benchmarks/trace_overhead.py
-	$(BIN)/python benchmarks/store_size.py
+	$(BIN)/python -m benchmarks.trace_overhead
+	$(BIN)/python -m benchmarks.store_size
+	$(BIN)/python -m benchmarks.routing_kernel
+	$(BIN)/python -m benchmarks.intervention_overhead
+	$(BIN)/python -m benchmarks.analysis_throughput
 
 clean:
 	rm -rf runs build dist *.egg-info
