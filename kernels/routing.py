@@ -22,6 +22,8 @@ Three implementations share this contract: `reference` (clear, op by op; the gro
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +52,8 @@ class RoutingControls:
     """Per-layer intervention vectors, all optional; one launch covers any combination.
 
     Vectors are [E] on the logits' device. `force` cannot be combined with `top_p` or `rank`.
+    Treat the tensors as immutable: their values are validated, and turned into what the routing passes
+    consume, once per object (per expert count and top_k).
     """
 
     logit_bias: Tensor | None = None  # [E] float, added to the logits
@@ -64,11 +68,6 @@ class RoutingControls:
     top_p_renormalize: bool = False  # replaces rule.renormalize under top_p (Dynamic-MoE: raw probabilities)
     rank: int | None = None  # 1-based: only the rank-r expert, weight 1.0 (SCMoE weak pass)
     token_mask: Tensor | None = None  # [T] bool, tokens the controls apply to; others routed as with no controls
-
-    @property
-    def selects(self) -> bool:
-        """Whether the controls change which experts are chosen (as opposed to only their weights)."""
-        return any(v is not None for v in (self.logit_bias, self.disable, self.force, self.top_p, self.rank))
 
 
 def num_slots(rule: RoutingRule, controls: RoutingControls | None) -> int:
@@ -106,6 +105,15 @@ def route(
     validate(logits, rule, correction_bias, controls)
     if impl == "auto":
         impl = "triton" if logits.is_cuda else "torch"
+    fn = _IMPLS.get(impl) or _load_impl(impl)
+    return fn(logits, rule, correction_bias=correction_bias, controls=controls)
+
+
+_IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _load_impl(impl: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Import an implementation on first use: triton is imported only when the Triton kernel is asked for."""
     if impl == "reference":
         from .reference import route_reference as fn
     elif impl == "torch":
@@ -114,7 +122,8 @@ def route(
         from .triton_routing import route_triton as fn
     else:
         raise ValueError(f"impl={impl!r} is not one of 'auto', 'reference', 'torch', 'triton'")
-    return fn(logits, rule, correction_bias=correction_bias, controls=controls)
+    _IMPLS[impl] = fn
+    return fn
 
 
 def validate(
@@ -140,7 +149,16 @@ def validate(
     for name in ("disable", "force", "drop"):
         _check_vector(name, getattr(c, name), num_experts, logits.device, bool)
     _check_vector("token_mask", c.token_mask, num_tokens, logits.device, bool)
+    if _validated.get(c) == (num_experts, rule.top_k):
+        return  # the value checks below read the tensors (a sync each on GPU): once per controls object
+    _validate_control_values(c, rule, num_experts)
+    _validated[c] = (num_experts, rule.top_k)
 
+
+_validated: weakref.WeakKeyDictionary[RoutingControls, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _validate_control_values(c: RoutingControls, rule: RoutingRule, num_experts: int) -> None:
     if c.disable is not None and bool(c.disable.all()):
         raise ValueError(
             f"disable masks all {num_experts} experts of the layer; leave at least one expert enabled"
