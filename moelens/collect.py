@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,10 +118,9 @@ def _with_prompt_ids(records: list[dict[str, Any]], path: Path) -> list[dict[str
     ids = [record.pop("id") for record in records]
     as_int = [_as_uint(value) for value in ids]
     final: list[Any] = as_int if all(v is not None for v in as_int) else [str(v) for v in ids]
-    if len(set(final)) != len(final):
-        seen: set[Any] = set()
-        duplicate = next(v for v in final if v in seen or seen.add(v))
-        raise PromptFileError(f"{path}: prompt id {duplicate!r} appears more than once; ids must be unique")
+    repeated = [value for value, count in Counter(final).items() if count > 1]
+    if repeated:
+        raise PromptFileError(f"{path}: prompt id {repeated[0]!r} appears more than once; ids must be unique")
     return [{"prompt_id": pid, **record} for pid, record in zip(final, records)]
 
 

@@ -1,0 +1,39 @@
+"""Language-model loss on texts, the yardstick of causal experiments (ablations, pruning, steering)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def token_losses(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per text: (summed next-token negative log-likelihood in nats, number of predicted tokens).
+
+    Padding is excluded; every text is scored as the tokenizer encodes it by default (with BOS if
+    the tokenizer adds one). Runs under whatever interventions are active on ``model``.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right").to(device)
+        with torch.no_grad():
+            logits = model(**batch).logits.float()  # [B, S, V]
+        targets = batch["input_ids"][:, 1:]  # [B, S-1]
+        mask = batch["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # [B, S-1]
+        nll = nll.masked_fill(~mask, 0.0)
+        results.extend(zip(nll.sum(dim=1).tolist(), mask.sum(dim=1).tolist()))
+    return results
+
+
+def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats per predicted token) over all ``texts`` together."""
+    losses = token_losses(model, tokenizer, texts, batch_size=batch_size)
+    total = sum(loss for loss, _ in losses)
+    count = sum(n for _, n in losses)
+    if count == 0:
+        raise ValueError("no predicted tokens: every text is a single token")
+    return total / count
