@@ -1,4 +1,5 @@
-"""Analyses of routing traces: descriptive statistics, fTRI contrast maps, nPMI, figures.
+"""Analyses of routing: descriptive statistics, fTRI contrast maps, nPMI, figures (over trace
+stores), and super experts and EASY-EP importance (over a live model).
 
 ``import moelens.analysis`` is cheap: each name below loads its module (and pandas, DuckDB,
 plotly) on first use (PEP 562). Every analysis takes a trace (``moelens.read_trace(...)`` or a
@@ -36,16 +37,36 @@ _LAZY: dict[str, tuple[str, str]] = {
     "coactivation_matrix": ("moelens.analysis.figures", "coactivation_matrix"),
     "token_view": ("moelens.analysis.figures", "token_view"),
     "write_html": ("moelens.analysis.figures", "write_html"),
+    "profile_super_experts": ("moelens.analysis.super_experts", "profile_super_experts"),
+    "detect_super_experts": ("moelens.analysis.super_experts", "detect_super_experts"),
+    "prune_report": ("moelens.analysis.super_experts", "prune_report"),
+    "sink_decay": ("moelens.analysis.super_experts", "sink_decay"),
+    "SuperExpertReport": ("moelens.analysis.super_experts", "SuperExpertReport"),
+    "PruneReport": ("moelens.analysis.super_experts", "PruneReport"),
+    "expert_importance": ("moelens.analysis.easy_ep", "expert_importance"),
+    "easy_ep_top_experts": ("moelens.analysis.easy_ep", "top_experts"),
+    "easy_ep_spec": ("moelens.analysis.easy_ep", "to_prune_spec"),
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
+    from moelens.analysis.easy_ep import expert_importance
+    from moelens.analysis.easy_ep import to_prune_spec as easy_ep_spec
+    from moelens.analysis.easy_ep import top_experts as easy_ep_top_experts
     from moelens.analysis.figures import coactivation_matrix, heatmap, ranked_bars, token_view, write_html
     from moelens.analysis.ftri import benjamini_hochberg, ftri_scores
     from moelens.analysis.ftri import to_spec as ftri_spec
     from moelens.analysis.npmi import npmi_combined, npmi_scores
     from moelens.analysis.npmi import to_spec as npmi_spec
+    from moelens.analysis.super_experts import (
+        PruneReport,
+        SuperExpertReport,
+        detect_super_experts,
+        profile_super_experts,
+        prune_report,
+        sink_decay,
+    )
     from moelens.analysis.stats import (
         POSITION_CLASS,
         coactivation,

@@ -1,0 +1,472 @@
+"""Super experts (after "Unveiling Super Experts in MoE LLMs"): find them on a live model, and prune them.
+
+A super expert is an expert whose down_proj output reaches extreme magnitudes on a few tokens and
+so feeds the massive residual-stream activations that attention sinks rely on. Here:
+
+* :func:`profile_super_experts` runs calibration texts once through the model and measures, per
+  expert, the maximum |down_proj output| over **all** tokens routed to it (the authors' hook read
+  only the first routed row), the residual stream's largest magnitudes per layer, and the share of
+  attention every head puts on the first token; then applies :func:`detect_super_experts`.
+* :func:`prune_report` drops the super experts (still selected, contribute nothing, weight not
+  redistributed) and, as a control, as many random non-super experts over several seeds, and
+  compares held-out loss, massive activations and sink mass.
+
+Padding tokens are excluded everywhere; ``text`` columns index the caller's ``texts`` and
+``position`` counts from the text's first token (0, usually ``<bos>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moelens.analysis._profiling_experts import TokenBatch, profiling_experts, token_batches
+from moelens.hooks.adapters import MoeLayer, moe_layers
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
+
+ExpertsByLayer = Mapping[int, Sequence[int]]
+
+
+@dataclass
+class SuperExpertReport:
+    """What :func:`profile_super_experts` found.
+
+    Attributes:
+        experts: one row per (layer, expert), routed and shared (dense MLPs excluded). Columns:
+            ``layer``, ``expert`` (-1 for a shared expert), ``kind`` ("routed" | "shared"),
+            ``tokens`` (real tokens it processed), ``max_output`` (max |down_proj output| before the
+            routing weight; NaN if it never ran), ``channel``, ``text``, ``position`` (where the max
+            occurs), ``first_token_max`` (the max over first tokens only; NaN if never routed there),
+            ``super`` (bool).
+        massive: the ``top_n`` largest residual-stream magnitudes (decoder layer outputs) per layer.
+            Columns: ``layer``, ``rank`` (1 = largest), ``value`` (signed), ``magnitude``, ``text``,
+            ``position``, ``channel``, ``median`` (median |h| over that text's hidden state at that
+            layer), ``ratio`` (magnitude / median), ``massive`` (magnitude > abs threshold and ratio >
+            ratio threshold).
+        sinks: per layer and head, ``sink_mass``: the mean attention probability on the text's first
+            token over all later query tokens. Columns ``layer``, ``head``, ``sink_mass``. Empty when
+            sinks were not measured.
+        thresholds: the values the detection rule used (``percentile_value``, ``fraction_value``,
+            ``threshold``, ``max_layer`` exclusive) and its settings.
+    """
+
+    experts: pd.DataFrame
+    massive: pd.DataFrame
+    sinks: pd.DataFrame
+    thresholds: dict[str, float]
+
+    @property
+    def super_experts(self) -> pd.DataFrame:
+        """The rows of :attr:`experts` flagged as super experts, largest first."""
+        return self.experts[self.experts["super"]].sort_values("max_output", ascending=False)
+
+    def to_disable(self) -> dict[int, list[int]]:
+        """The routed super experts as ``{layer: [experts]}`` (shared experts cannot be dropped by routing)."""
+        routed = self.super_experts.query("kind == 'routed'")
+        return {int(layer): sorted(int(e) for e in group["expert"]) for layer, group in routed.groupby("layer")}
+
+
+def profile_super_experts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    sinks: bool = True,
+    top_n: int = 3,
+    percentile: float = 99.5,
+    fraction_of_max: float = 0.1,
+    layer_fraction: float = 0.75,
+    massive_abs: float = 100.0,
+    massive_ratio: float = 1000.0,
+) -> SuperExpertReport:
+    """Profile ``texts`` through ``model`` (one forward per batch, no gradients) and detect super experts.
+
+    Experts are profiled through the moelens experts implementation (outputs bitwise those of
+    eager experts); with ``sinks`` the attention runs eagerly so that weights can be read. Both
+    are switched back on return. Detection: see :func:`detect_super_experts` (``percentile``,
+    ``fraction_of_max``, ``layer_fraction``); massive activations: ``massive_abs``, ``massive_ratio``.
+    """
+    layers = moe_layers(model)
+    run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers, experts=True,
+                   sinks=sinks, top_n=top_n)
+    num_layers = len(_decoder_layers(model, layers))
+    experts, thresholds = detect_super_experts(
+        run.experts, num_layers=num_layers, percentile=percentile, fraction_of_max=fraction_of_max,
+        layer_fraction=layer_fraction,
+    )
+    massive = run.massive.assign(massive=lambda d: (d["magnitude"] > massive_abs) & (d["ratio"] > massive_ratio))
+    thresholds.update(massive_abs=massive_abs, massive_ratio=massive_ratio)
+    return SuperExpertReport(experts=experts, massive=massive, sinks=run.sinks, thresholds=thresholds)
+
+
+def detect_super_experts(
+    experts: pd.DataFrame,
+    *,
+    num_layers: int,
+    percentile: float = 99.5,
+    fraction_of_max: float = 0.1,
+    layer_fraction: float = 0.75,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Flag experts with ``max_output`` above the ``percentile`` of all experts' maxima AND above
+    ``fraction_of_max`` x the overall maximum, in layers < round(``layer_fraction`` x ``num_layers``).
+
+    The percentile and maximum are over every expert that ran (routed and shared, all layers); the
+    layer restriction keeps the experts that feed massive activations before they form. With fewer
+    than 200 experts the percentile lies between the two largest maxima, so the rule reduces to
+    "the largest, if in an eligible layer, plus any expert above the fraction". Returns ``experts``
+    with a ``super`` column, and the thresholds used.
+    """
+    import numpy as np
+
+    maxima = experts["max_output"].dropna().to_numpy()
+    if maxima.size == 0:
+        raise ValueError("no expert processed any token: nothing to detect (were the texts empty?)")
+    percentile_value = float(np.percentile(maxima, percentile))
+    fraction_value = float(fraction_of_max * maxima.max())
+    max_layer = round(layer_fraction * num_layers)
+    flagged = (experts["max_output"] > max(percentile_value, fraction_value)) & (experts["layer"] < max_layer)
+    thresholds = dict(
+        percentile=percentile, fraction_of_max=fraction_of_max, layer_fraction=layer_fraction,
+        percentile_value=percentile_value, fraction_value=fraction_value,
+        threshold=max(percentile_value, fraction_value), max_layer=float(max_layer),
+    )
+    return experts.assign(super=flagged.to_numpy()), thresholds
+
+
+def sink_decay(before: Any, after: Any) -> float:
+    """D = 1 - mean_h(sink_after / sink_before) over heads (array-likes of per-head sink mass, same shape).
+
+    1 means the sinks vanished, 0 unchanged, negative stronger. Heads without sink mass before are skipped.
+    """
+    import numpy as np
+
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if before.shape != after.shape:
+        raise ValueError(f"before and after must have the same shape, got {before.shape} and {after.shape}")
+    kept = before > 0
+    if not kept.any():
+        raise ValueError("no head has any sink mass before the intervention")
+    return float(1.0 - np.mean(after[kept] / before[kept]))
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_report` measured.
+
+    ``runs``: one row per forward run: ``condition`` ("baseline" | "super" | "random"), ``seed``
+    (-1 unless random), ``experts`` (how many dropped), ``loss`` (mean next-token NLL on the
+    held-out texts), ``delta_loss``, ``max_massive`` (largest residual-stream magnitude over all
+    layers), ``sink_mass`` (mean over layers and heads), ``sink_decay`` (D against the baseline,
+    over all layers' heads). ``summary``: the same columns averaged per condition (random over seeds).
+    """
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    dropped: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # condition[/seed] -> spec
+
+    def __str__(self) -> str:
+        return self.summary.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def prune_report(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    super_experts: ExpertsByLayer | SuperExpertReport,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 8,
+    max_length: int | None = None,
+    sinks: bool = True,
+) -> PruneReport:
+    """Drop the super experts, and as a control as many random routed non-super experts (one draw
+    per seed, from all MoE layers), and measure the change on held-out ``texts``.
+
+    Drop = ``disable(..., mode="drop")`` through ``moelens.interventions``: the expert is still
+    selected, its output is zeroed and its weight is not given to the others. Shared experts
+    cannot be dropped this way and are ignored. Prints nothing; ``print(report)`` shows the summary.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from moelens.interventions import disable, intervene
+
+    layers = moe_layers(model)
+    chosen = super_experts.to_disable() if isinstance(super_experts, SuperExpertReport) else super_experts
+    chosen = {int(l): sorted({int(e) for e in es}) for l, es in chosen.items() if es}
+    count = sum(len(es) for es in chosen.values())
+    if count == 0:
+        raise ValueError("no routed super experts to drop")
+    pool = [(l.index, e) for l in layers for e in range(l.num_experts) if e not in chosen.get(l.index, ())]
+    if count > len(pool):
+        raise ValueError(f"cannot draw {count} random control experts from {len(pool)} non-super experts")
+
+    conditions: list[tuple[str, int, dict[int, list[int]]]] = [("baseline", -1, {}), ("super", -1, chosen)]
+    for seed in seeds:
+        picks = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+        spec: dict[int, list[int]] = {}
+        for i in sorted(picks):
+            spec.setdefault(pool[i][0], []).append(pool[i][1])
+        conditions.append(("random", int(seed), spec))
+
+    rows, baseline = [], None
+    for condition, seed, spec in conditions:
+        with intervene(model, disable(spec, mode="drop")) if spec else nullcontext():
+            run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers,
+                           experts=False, sinks=sinks, top_n=1)
+        sink = run.sinks.set_index(["layer", "head"])["sink_mass"]  # empty without sinks
+        baseline = sink if baseline is None else baseline
+        rows.append(dict(
+            condition=condition, seed=seed, experts=sum(len(es) for es in spec.values()), loss=run.loss,
+            max_massive=float(run.massive["magnitude"].max()), sink_mass=float(sink.mean()),
+            sink_decay=sink_decay(baseline, sink.reindex(baseline.index)) if sinks else float("nan"),
+        ))
+    runs = pd.DataFrame(rows)
+    runs.insert(4, "delta_loss", runs["loss"] - runs["loss"].iloc[0])
+    summary = runs.drop(columns="seed").groupby("condition", sort=False).mean().reset_index()
+    dropped = {c if s < 0 else f"{c}/{s}": spec for c, s, spec in conditions if spec}
+    return PruneReport(runs=runs, summary=summary, dropped=dropped)
+
+
+# --- one observed pass over the texts ----------------------------------------------------------
+@dataclass
+class _Run:
+    experts: pd.DataFrame | None
+    massive: pd.DataFrame
+    sinks: pd.DataFrame
+    loss: float
+
+
+def _observe(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    max_length: int | None,
+    layers: list[MoeLayer],
+    experts: bool,
+    sinks: bool,
+    top_n: int,
+) -> _Run:
+    """Run ``texts`` once, measuring expert maxima (with ``experts``), massive activations, sinks and loss."""
+    import torch
+
+    device = next(model.parameters()).device
+    decoder_layers = _decoder_layers(model, layers)
+    maxima = {l.index: _MaxOutputs(l.num_experts + (l.shared is not None), device) for l in layers} if experts else {}
+    residual, sink, loss = _Residuals(len(decoder_layers), top_n), _Sinks(), _Loss()
+    with ExitStack() as stack:
+        for i, decoder_layer in enumerate(decoder_layers):
+            stack.callback(decoder_layer.register_forward_hook(residual.hook(i)).remove)
+        for l in layers:
+            if experts and l.shared is not None:
+                stack.callback(l.shared.down_proj.register_forward_hook(maxima[l.index].shared_hook).remove)
+        stack.enter_context(torch.no_grad())
+        if experts:
+            stack.enter_context(profiling_experts(model, {l.experts: maxima[l.index] for l in layers}))
+        if sinks:
+            stack.enter_context(_eager_attention(model))
+        for batch in token_batches(tokenizer, texts, batch_size=batch_size, device=device, max_length=max_length):
+            for observer in (*maxima.values(), residual):
+                observer.batch = batch
+            out = model(**batch.inputs, output_attentions=sinks, use_cache=False)
+            loss.add(out.logits, batch)
+            if sinks:
+                if not out.attentions:
+                    raise RuntimeError(
+                        f"{type(model).__name__} returned no attention weights: sinks cannot be measured"
+                    )
+                sink.add(out.attentions, batch)
+    table = None
+    if experts:
+        import pandas as pd
+
+        table = pd.concat([maxima[l.index].frame(l) for l in layers], ignore_index=True)
+    return _Run(experts=table, massive=residual.frame(), sinks=sink.frame(), loss=loss.value())
+
+
+def _decoder_layers(model: nn.Module, layers: list[MoeLayer]) -> list[nn.Module]:
+    """All decoder layers (dense ones too): the ModuleList that holds the MoE layers' parents."""
+    stack_name = layers[0].name.rsplit(".", 2)[0]  # "model.layers.3.mlp" -> "model.layers"
+    return list(model.get_submodule(stack_name))
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Eager attention (the only kind that returns weights) for the block; the previous one after."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class _MaxOutputs:
+    """Running max |down_proj output| per expert of one MoE layer, kept on the model's device.
+
+    Slots 0..E-1 are the routed experts, slot E the shared expert (if any).
+    """
+
+    def __init__(self, slots: int, device: Any) -> None:
+        import torch
+
+        self.batch: TokenBatch | None = None
+        self.value = torch.full((slots,), -1.0, device=device)  # -1: no real token seen yet
+        self.first = torch.full((slots,), -1.0, device=device)
+        self.where = torch.zeros(slots, 3, dtype=torch.long, device=device)  # text, position, channel
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def expert_output(self, expert: int, tokens: torch.Tensor, output: torch.Tensor, weights: torch.Tensor) -> None:
+        self._update(expert, tokens, output)
+
+    def routed_output(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        pass
+
+    def shared_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        import torch
+
+        rows = output.reshape(-1, output.shape[-1])  # [B, S, H] or [T, H] -> [T, H]
+        self._update(len(self.value) - 1, torch.arange(rows.shape[0], device=rows.device), rows)
+
+    def _update(self, slot: int, tokens: torch.Tensor, output: torch.Tensor) -> None:
+        import torch
+
+        batch = self.batch
+        valid = batch.valid[tokens]  # [n]
+        # padding rows get -1 so they never win the max
+        row_max, channel = output.detach().abs().float().masked_fill(~valid[:, None], -1.0).max(dim=1)  # [n]
+        best = row_max.argmax()
+        token = tokens[best]
+        better = row_max[best] > self.value[slot]
+        self.value[slot] = torch.where(better, row_max[best], self.value[slot])
+        found = torch.stack([batch.text[token], batch.position[token], channel[best]])
+        self.where[slot] = torch.where(better, found, self.where[slot])
+        self.tokens[slot] += valid.sum()
+        first = batch.position[tokens] == 0
+        self.first[slot] = torch.maximum(self.first[slot], row_max.masked_fill(~first, -1.0).max())
+
+    def frame(self, layer: MoeLayer) -> pd.DataFrame:
+        import numpy as np
+        import pandas as pd
+
+        value, first = self.value.cpu().double().numpy(), self.first.cpu().double().numpy()
+        where = self.where.cpu().numpy()
+        slots = len(value)
+        return pd.DataFrame({
+            "layer": layer.index,
+            "expert": [e if e < layer.num_experts else -1 for e in range(slots)],
+            "kind": ["routed" if e < layer.num_experts else "shared" for e in range(slots)],
+            "tokens": self.tokens.cpu().numpy(),
+            "max_output": np.where(value >= 0, value, np.nan),
+            "channel": where[:, 2],
+            "text": where[:, 0],
+            "position": where[:, 1],
+            "first_token_max": np.where(first >= 0, first, np.nan),
+        })
+
+
+class _Residuals:
+    """The ``top_n`` largest |h| of every decoder layer's output per text, with that text's median |h|."""
+
+    def __init__(self, num_layers: int, top_n: int) -> None:
+        self.batch: TokenBatch | None = None
+        self.top_n = top_n
+        self.candidates: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def hook(self, layer: int) -> Any:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            import torch
+
+            h = (output[0] if isinstance(output, tuple) else output).detach().float()  # [B, S, H]
+            batch, (b, s), width = self.batch, self.batch.shape, h.shape[-1]
+            real = batch.valid.view(b, s, 1).expand_as(h).reshape(b, s * width)  # [B, S*H]
+            flat = h.reshape(b, s * width)
+            magnitude = flat.abs()
+            median = magnitude.masked_fill(~real, float("nan")).nanmedian(dim=1).values  # [B]
+            top, index = magnitude.masked_fill(~real, -1.0).topk(min(self.top_n, s * width), dim=1)  # [B, n]
+            token = torch.arange(b, device=h.device)[:, None] * s + index // width  # [B, n] flattened token
+            columns = [top, flat.gather(1, index), batch.text[token], batch.position[token], index % width,
+                       median[:, None].expand_as(top)]
+            rows = torch.stack([c.double() for c in columns], dim=-1)  # [B, n, 6], as in `frame`
+            keep = rows[..., 0] >= 0  # a batch row without real tokens has nothing to offer
+            self.candidates[layer].append(rows[keep].cpu())
+
+        return record
+
+    def frame(self) -> pd.DataFrame:
+        import pandas as pd
+        import torch
+
+        parts = []
+        for layer, found in enumerate(self.candidates):
+            rows = torch.cat(found) if found else torch.empty(0, 6, dtype=torch.float64)
+            rows = rows[rows[:, 0].argsort(descending=True)[: self.top_n]]
+            part = pd.DataFrame(rows.numpy(), columns=["magnitude", "value", "text", "position", "channel", "median"])
+            parts.append(part.assign(layer=layer, rank=range(1, len(part) + 1)))
+        table = pd.concat(parts, ignore_index=True).astype({"text": "int64", "position": "int64", "channel": "int64"})
+        table["ratio"] = table["magnitude"] / table["median"]
+        return table[["layer", "rank", "value", "magnitude", "text", "position", "channel", "median", "ratio"]]
+
+
+class _Sinks:
+    """Attention mass on each text's first token, summed per (layer, head) over later real query tokens."""
+
+    def __init__(self) -> None:
+        self.mass: list[torch.Tensor] | None = None  # per layer [heads]
+        self.queries = 0
+
+    def add(self, attentions: Sequence[torch.Tensor], batch: TokenBatch) -> None:
+        import torch
+
+        b, s = batch.shape
+        position = batch.position.view(b, s)
+        first = (position == 0).float().argmax(dim=1)  # [B] column of each text's first token
+        queries = (position > 0)[:, None, :]  # [B, 1, S]: the first token attends only to itself; no padding
+        masses = []
+        for probs in attentions:  # [B, heads, S, S]
+            on_first = probs.float().gather(3, first.view(b, 1, 1, 1).expand(b, probs.shape[1], s, 1))[..., 0]
+            masses.append(torch.where(queries, on_first, 0.0).sum(dim=(0, 2)))  # [heads]; where: padding may be NaN
+        self.mass = masses if self.mass is None else [m + n for m, n in zip(self.mass, masses, strict=True)]
+        self.queries += int(queries.sum())
+
+    def frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        if self.mass is None:
+            return pd.DataFrame({"layer": [], "head": [], "sink_mass": []})
+        return pd.DataFrame([
+            dict(layer=layer, head=head, sink_mass=float(m) / max(self.queries, 1))
+            for layer, mass in enumerate(self.mass) for head, m in enumerate(mass.cpu())
+        ])
+
+
+class _Loss:
+    """Mean next-token negative log-likelihood over real tokens."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, logits: torch.Tensor, batch: TokenBatch) -> None:
+        import torch.nn.functional as F
+
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
+        pairs = mask[:, 1:] & mask[:, :-1]  # [B, S-1] predictions from a real token of a real token
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
+        self.total += float(nll[pairs].sum())
+        self.count += int(pairs.sum())
+
+    def value(self) -> float:
+        return self.total / self.count if self.count else float("nan")
