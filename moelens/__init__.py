@@ -9,6 +9,8 @@ Public entry points::
         model.generate(**batch, max_new_tokens=16)
     tr.routes                                                  # one row per (prompt, position, layer, rank)
     store = moelens.read_trace("runs/trace")                   # a store written by `moelens collect`
+    with moelens.intervene(model, disable({2: [5]})): ...      # specs: moelens.interventions
+    moelens.generate_contrast(model, tokenizer, prompts)       # SCMoE self-contrast decoding
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ _LAZY = {
     "TraceError": "moelens.tracer",
     "read_trace": "moelens.store",
     "StoreError": "moelens.store",
+    "intervene": "moelens.interventions",
+    "generate_contrast": "moelens.interventions.contrast",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:
+    from moelens.interventions import intervene
+    from moelens.interventions.contrast import generate_contrast
     from moelens.loading import load
     from moelens.store import StoreError, read_trace
     from moelens.tracer import TraceError, Tracer, trace
