@@ -23,6 +23,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_ZOO_SCRIPTS = {
+    "build-corpus": "build the multi-domain training corpus of moelens-tiny (module moelens.zoo.corpus)",
+    "train-tiny": "train moelens-tiny on a corpus built by build-corpus (module moelens.zoo.train)",
+    "probes": "write the probe sets in data/probes (module moelens.zoo.probes)",
+    "evidence": "measure moelens-tiny's specialization: NMI, targeted vs random ablation (module moelens.zoo.evidence)",
+}
+_ZOO_MODULES = {"build-corpus": "corpus", "train-tiny": "train", "probes": "probes", "evidence": "evidence"}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moelens", description="Look inside Mixture-of-Experts models and steer them.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,17 +67,17 @@ def _build_parser() -> argparse.ArgumentParser:
     save = zoo_commands.add_parser("save", help="write a zoo model as an ordinary Hugging Face checkpoint")
     save.add_argument("name")
     save.add_argument("out", type=Path)
-    corpus = zoo_commands.add_parser("build-corpus", help="build the multi-domain training corpus of moelens-tiny")
-    corpus.add_argument("--out", required=True, type=Path)
-    corpus.add_argument("--seed", type=int, default=0)
-    train = zoo_commands.add_parser("train-tiny", help="train moelens-tiny on a corpus built by build-corpus")
-    train.add_argument("--corpus", required=True, type=Path)
-    train.add_argument("--out", required=True, type=Path)
-    train.add_argument("--seed", type=int, default=0)
+    for name, help_text in _ZOO_SCRIPTS.items():
+        # listed for --help; main() hands everything after the name to the script's own parser
+        zoo_commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["zoo"] and argv[1:2] and argv[1] in _ZOO_SCRIPTS:
+        # these scripts own their arguments (argparse cannot pass leading options through)
+        return _run_zoo_script(argv[1], argv[2:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
@@ -146,15 +155,14 @@ def _zoo(args: argparse.Namespace) -> int:
         from moelens.loading import save_zoo_model
 
         print(save_zoo_model(args.name, args.out))
-    elif args.zoo_command == "build-corpus":
-        from moelens.zoo.corpus import build_corpus
-
-        build_corpus(args.out, seed=args.seed)
-    elif args.zoo_command == "train-tiny":
-        from moelens.zoo.train import train_tiny
-
-        train_tiny(args.corpus, args.out, seed=args.seed)
     return 0
+
+
+def _run_zoo_script(name: str, script_args: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"moelens.zoo.{_ZOO_MODULES[name]}")
+    return int(module.main(script_args) or 0)
 
 
 if __name__ == "__main__":

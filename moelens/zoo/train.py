@@ -9,9 +9,10 @@ fixed token budget, seeded. On 2 CPU cores ~6M tokens take ~20 minutes.
 
 Throughput: glibc's allocator returns and re-maps large blocks on every step unless
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` are set high, which
-costs 13-37% of CPU training speed. glibc reads them only at process start: ``main()`` re-executes
-itself with them (see :data:`MALLOC_ENV`); callers of :func:`train_tiny` set them in the launching
-shell. The summary records whether they were in effect.
+costs 13-37% of CPU training speed; ``OMP_WAIT_POLICY=PASSIVE`` keeps OpenMP threads from spinning
+on a shared machine. These are read only at process start: ``main()`` re-executes itself with them
+(see :data:`MALLOC_ENV`); callers of :func:`train_tiny` set them in the launching shell. The log
+records whether they were in effect.
 
 Output folder: an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors`` in
 bfloat16 to stay under 25 MB, tokenizer files) plus ``training_log.json`` (settings, token counts,
@@ -40,6 +41,9 @@ MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's maximum; larger values are ignored
     "MALLOC_TRIM_THRESHOLD_": str(2**30),
     "MALLOC_TOP_PAD_": str(256 * 2**20),
+    # not malloc, but also read only at start-up: OpenMP threads that spin while waiting for a
+    # descheduled peer waste most of a shared 2-core machine
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"  # ids 0, 1, 2
 VOCAB_SIZE = 4096
