@@ -15,8 +15,8 @@ Public entry points::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from moelens._lazy import lazy_attributes
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -42,14 +42,4 @@ if TYPE_CHECKING:
     from moelens.tracer import TraceError, Tracer, trace
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moelens' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('moelens', globals(), _LAZY)

@@ -13,8 +13,8 @@ plotly) on first use (PEP 562). Every analysis takes a trace (``moelens.read_tra
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from moelens._lazy import lazy_attributes
+from typing import TYPE_CHECKING
 
 # public name -> (module, attribute); adding an analysis is one line here. A public name must not
 # equal a submodule's name (``ftri``, ``npmi``...): importing the submodule would rebind it.
@@ -78,14 +78,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'moelens.analysis' has no attribute {name!r}")
-    module, attribute = _LAZY[name]
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*__all__, "stats", "ftri", "npmi", "figures"})
+__getattr__, __dir__ = lazy_attributes('moelens.analysis', globals(), _LAZY)

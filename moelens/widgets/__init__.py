@@ -10,8 +10,8 @@ The grid's logic lives in :class:`ExpertGridState` (pure Python, usable without 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from moelens._lazy import lazy_attributes
+from typing import TYPE_CHECKING
 
 _LAZY = {
     "ExpertGrid": "moelens.widgets.view",
@@ -28,14 +28,4 @@ if TYPE_CHECKING:
     from moelens.widgets.view import ExpertGrid
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moelens.widgets' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes('moelens.widgets', globals(), _LAZY)
