@@ -237,7 +237,7 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
     for step, data in zip(tracer._steps, host):
         real = data["real"].numpy().reshape(-1)  # [B*S]
         batch, new = data["real"].shape
-        row_ids = np.repeat(np.asarray(step.prompt_ids, dtype=object), new)[real]  # [M]
+        row_ids = np.repeat(np.asarray(step.prompt_ids), new)[real]  # [M] integer or string ids
         positions = data["positions"].numpy().reshape(-1)[real]  # [M]
         indices = data["indices"].numpy()[:, real]  # [L, M, k]
         weights = data["weights"].numpy()[:, real]  # [L, M, k]
