@@ -111,3 +111,17 @@ def test_disabling_a_domains_top_experts_hurts_it_more_than_random_experts(model
     assert targeted > 2 * random_mean and targeted > 0.05, (targeted, random)
     # leaving the intervention restores the router: the loss is the baseline again
     assert ev.mean_loss(model, held_out) == pytest.approx(base, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_evidence_script_reproduces_the_cards_probe_numbers(tmp_path):
+    """The card quotes evidence-probes.json; rerunning the script on this machine gives it again."""
+    shipped = json.loads((MODEL_DIR / "evidence-probes.json").read_text())
+    fresh = ev.evidence(MODEL_DIR, None, out_dir=tmp_path)
+    assert fresh["nmi_per_layer"] == pytest.approx(shipped["nmi_per_layer"], abs=2e-3)
+    assert fresh["unused_experts_per_layer"] == shipped["unused_experts_per_layer"]
+    for domain, row in shipped["ablation"].items():
+        assert fresh["ablation"][domain]["experts"] == row["experts"]
+        for key in ("own", "others_mean", "random_mean"):
+            assert fresh["ablation"][domain][key] == pytest.approx(row[key], abs=5e-3), (domain, key)
+        assert fresh["ablation"][domain]["passes"] == row["passes"]
