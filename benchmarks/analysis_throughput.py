@@ -1,4 +1,4 @@
-"""Analysis throughput: routing events per second for frequency, fTRI and nPMI, DuckDB vs a pandas groupby.
+"""Analysis throughput: routing events per second for frequency, fTRI and nPMI, moelens vs a pandas groupby.
 
     python benchmarks/analysis_throughput.py [--events 1e8] [--pandas-events 5e6] [--keep DIR]
 
@@ -9,10 +9,11 @@ holds the trace in memory. Then, in one run on the same store:
 Times are the best of 3 calls (pandas: 2).
 
 - moelens: ``expert_frequency``, ``ftri_scores`` (aggregation; the permutation test is timed on its
-  own since its cost does not grow with the events) and ``npmi_scores``, all DuckDB over the
-  Parquet files; events/s = all events of the store / wall time.
+  own since its cost does not grow with the events) and ``npmi_scores``, streamed over the
+  Parquet files (DuckDB; fTRI's per-prompt counts by a threaded numpy bincount); events/s = all
+  events of the store / wall time.
 - pandas: the straightforward groupby of each analysis on a subsample that fits memory (the first
-  shards, ``--pandas-events`` events), reading included like for DuckDB; scaled to events/s.
+  shards, ``--pandas-events`` events), reading included like for moelens; scaled to events/s.
 
 The target is >= 50M events/s on 2 cores.
 """
@@ -187,7 +188,7 @@ def main() -> None:
         implementations = {"frequency": pandas_frequency, "fTRI": pandas_ftri, "nPMI": pandas_npmi}
         pandas_seconds = {name: timed(lambda f=f: f(read("routes"), read("tokens"), read("prompts")), repeats=2) for name, f in implementations.items()}
 
-        print(f"\n{'analysis':<10} {'moelens (DuckDB)':>22} {'pandas groupby':>22} {'speed-up':>9}")
+        print(f"\n{'analysis':<10} {'moelens':>22} {'pandas groupby':>22} {'speed-up':>9}")
         for name in implementations:
             ours = events / moelens_seconds[name]
             theirs = sample_events / pandas_seconds[name]

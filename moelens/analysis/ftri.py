@@ -120,27 +120,75 @@ def _prompt_rates(
         raise ValueError(f"no prompt has {tag} = {target!r}")
     if not (labels > 0).any():
         raise ValueError(f"no reference prompts: no other value of {tag!r} than {target!r} (or none of {reference!r})")
-    # all prompts are aggregated and the unchosen ones dropped below: a join restricting the scan
-    # to the chosen prompts costs more than the extra groups
-    counts = handle.sql("SELECT prompt_id, layer, expert, count(*) AS selections FROM routes GROUP BY ALL").fetchnumpy()
     layers, num_experts = moe_layout(tables)
     layer_index = np.full(max(layers) + 1, -1, dtype=np.int64)
     layer_index[layers] = np.arange(len(layers))
     prompt_ids = np.asarray(prompts["prompt_id"])  # sorted by the query
-    found = np.asarray(counts["prompt_id"])
-    rows = np.searchsorted(prompt_ids, found).clip(max=prompt_ids.size - 1)
-    chosen_rows = prompt_ids[rows] == found
-    columns = layer_index[np.asarray(counts["layer"], dtype=np.int64)] * num_experts + np.asarray(counts["expert"], dtype=np.int64)
     num_features = len(layers) * num_experts
-    selections = np.bincount(
-        (rows * num_features + columns)[chosen_rows],
-        weights=np.asarray(counts["selections"], dtype=np.float64)[chosen_rows],
-        minlength=len(labels) * num_features,
-    ).reshape(len(labels), num_features)
+    files = tables.files("routes") if hasattr(tables, "files") else []
+    if files and np.issubdtype(prompt_ids.dtype, np.integer):
+        selections = _streamed_selections(files, prompt_ids, layer_index, num_experts).astype(np.float64)
+    else:
+        # all prompts are aggregated and the unchosen ones dropped below: a join restricting the
+        # scan to the chosen prompts costs more than the extra groups
+        counts = handle.sql("SELECT prompt_id, layer, expert, count(*) AS selections FROM routes GROUP BY ALL").fetchnumpy()
+        rows = _rows_of(prompt_ids, np.asarray(counts["prompt_id"]))
+        chosen_rows = rows >= 0
+        columns = layer_index[np.asarray(counts["layer"], dtype=np.int64)] * num_experts + np.asarray(counts["expert"], dtype=np.int64)
+        selections = np.bincount(
+            (rows * num_features + columns)[chosen_rows],
+            weights=np.asarray(counts["selections"], dtype=np.float64)[chosen_rows],
+            minlength=len(labels) * num_features,
+        )
+    selections = selections.reshape(len(labels), num_features)
     tokens = np.asarray(prompts["tokens"], dtype=np.float64)
     rates = selections / np.maximum(tokens, 1)[:, None]
     features = np.stack([np.repeat(layers, num_experts), np.tile(np.arange(num_experts), len(layers))], axis=1)
     return rates, selections, tokens, labels, features
+
+
+def _rows_of(prompt_ids: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Row of each ``found`` id in the sorted ``prompt_ids``; -1 for ids not among them."""
+    import numpy as np
+
+    rows = np.searchsorted(prompt_ids, found).clip(max=prompt_ids.size - 1)
+    return np.where(prompt_ids[rows] == found, rows, -1)
+
+
+def _streamed_selections(files: Sequence[str], prompt_ids: np.ndarray, layer_index: np.ndarray, num_experts: int) -> np.ndarray:
+    """Selection counts [P * F] by a bincount over the routes files, streamed in row batches.
+
+    A per-(prompt, layer, expert) GROUP BY has too many groups for DuckDB's direct-indexed
+    aggregation; numpy's bincount over a packed key is ~2.5x faster and, one worker per core
+    (numpy releases the GIL), never holds more than a batch of events per worker. Rows of one
+    prompt are contiguous in a shard, so ids are mapped to rows once per run, not per event.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    num_features = layer_index[layer_index >= 0].size * num_experts
+    workers = max(1, min(len(files), os.cpu_count() or 1, 8))
+
+    def count(share: Sequence[str]) -> np.ndarray:
+        totals = np.zeros(prompt_ids.size * num_features, dtype=np.int64)
+        for path in share:
+            batches = pq.ParquetFile(path).iter_batches(columns=["prompt_id", "layer", "expert"], batch_size=1 << 21, use_threads=False)
+            for batch in batches:
+                ids = batch.column(0).to_numpy()
+                starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # runs of one prompt
+                rows = np.repeat(_rows_of(prompt_ids, ids[starts]), np.diff(np.r_[starts, ids.size]))
+                key = rows * num_features + layer_index[batch.column(1).to_numpy()] * num_experts + batch.column(2).to_numpy()
+                key = key[rows >= 0]
+                if key.size:
+                    low, high = int(key.min()), int(key.max())
+                    totals[low : high + 1] += np.bincount(key - low, minlength=high - low + 1)
+        return totals
+
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(count, [files[i::workers] for i in range(workers)]))
 
 
 def _contrast_weights(labels: np.ndarray) -> np.ndarray:
