@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (summed next-token negative log-likelihood in nats, number of predictions).
+
+    Only predictions of a real token from a real token count, so left or right padding alike is
+    excluded. logits [B, S, V], input_ids and attention_mask [B, S] -> two [B] tensors.
+    """
+    import torch
+
+    real = attention_mask.bool()
+    pairs = real[:, 1:] & real[:, :-1]  # [B, S-1]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, S-1]
+    return nll.masked_fill(~pairs, 0.0).sum(dim=1), pairs.sum(dim=1)
 
 
 def token_losses(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16) -> list[tuple[float, int]]:
@@ -20,12 +37,9 @@ def token_losses(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
         chunk = list(texts[start : start + batch_size])
         batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right").to(device)
         with torch.no_grad():
-            logits = model(**batch).logits.float()  # [B, S, V]
-        targets = batch["input_ids"][:, 1:]  # [B, S-1]
-        mask = batch["attention_mask"][:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # [B, S-1]
-        nll = nll.masked_fill(~mask, 0.0)
-        results.extend(zip(nll.sum(dim=1).tolist(), mask.sum(dim=1).tolist()))
+            logits = model(**batch).logits
+        sums, counts = next_token_nll(logits, batch["input_ids"], batch["attention_mask"])
+        results.extend(zip(sums.tolist(), counts.tolist()))
     return results
 
 

@@ -460,13 +460,11 @@ class _Loss:
         self.total, self.count = 0.0, 0
 
     def add(self, logits: torch.Tensor, batch: TokenBatch) -> None:
-        import torch.nn.functional as F
+        from moelens.evaluation import next_token_nll
 
-        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"].bool()
-        pairs = mask[:, 1:] & mask[:, :-1]  # [B, S-1] predictions from a real token of a real token
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # [B, S-1]
-        self.total += float(nll[pairs].sum())
-        self.count += int(pairs.sum())
+        sums, counts = next_token_nll(logits, batch.inputs["input_ids"], batch.inputs["attention_mask"])
+        self.total += float(sums.sum())
+        self.count += int(counts.sum())
 
     def value(self) -> float:
         return self.total / self.count if self.count else float("nan")

@@ -157,14 +157,14 @@ def mean_loss(model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> flo
     """Token-weighted mean next-token cross-entropy over ``seqs`` (pads excluded)."""
     import torch
 
+    from moelens.evaluation import next_token_nll
+
     total, n = 0.0, 0
     with torch.no_grad():
         for ids, mask in _batches(seqs, batch_size, model.config.pad_token_id):
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-            n += int((targets != -100).sum())
+            sums, counts = next_token_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+            total += float(sums.sum())
+            n += int(counts.sum())
     return total / n
 
 
