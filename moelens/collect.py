@@ -220,7 +220,9 @@ def collect(
         for index, start in enumerate(range(0, len(records), options.shard_size))
         if index % world == rank and store.shard_name(index) not in done
     ]
-    with _applied(model, intervention):
+    from moelens.interventions import Intervention, intervene
+
+    with intervene(model, intervention or Intervention()):
         stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
     _barrier(world)
     if rank == 0:
@@ -229,14 +231,6 @@ def collect(
         store.write_manifest(out, manifest)
         _summary(out, stats, world)
     return store.read_trace(out)
-
-
-def _applied(model: Any, intervention: Any) -> Any:
-    from contextlib import nullcontext
-
-    from moelens.interventions import intervene
-
-    return intervene(model, intervention) if intervention is not None else nullcontext()
 
 
 def _manifest(model: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:

@@ -18,7 +18,7 @@ Padding tokens are excluded everywhere; ``text`` columns index the caller's ``te
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -219,7 +219,7 @@ def prune_report(
 
     rows, baseline = [], None
     for condition, seed, spec in conditions:
-        with intervene(model, disable(spec, mode="drop")) if spec else nullcontext():
+        with intervene(model, disable(spec, mode="drop")):  # the baseline's empty spec changes nothing
             run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers,
                            experts=False, sinks=sinks, top_n=1)
         sink = run.sinks.set_index(["layer", "head"])["sink_mass"]  # empty without sinks

@@ -208,20 +208,21 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None, ro
         if weights is None:
             weights, indices = w, i
             continue
-        weights, indices, w, i = _pad_slots(weights, indices, w, i, plan.layer.num_experts)
+        width = max(weights.shape[-1], w.shape[-1])
+        weights, indices = _pad_slots(weights, indices, width, plan.layer.num_experts)
+        w, i = _pad_slots(w, i, width, plan.layer.num_experts)
         chosen = mask[:, None] if mask is not None else torch.ones_like(i, dtype=torch.bool)
         weights, indices = torch.where(chosen, w, weights), torch.where(chosen, i, indices)
     assert weights is not None and indices is not None
     return weights, indices
 
 
-def _pad_slots(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Pad (weights, indices) pairs to a common slot count with empty slots (index E, weight 0)."""
+def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [T, K] routing to ``width`` slots with empty slots (index E, weight 0)."""
     import torch.nn.functional as F
 
-    *pairs, num_experts = tensors
-    width = max(t.shape[-1] for t in pairs)
-    return tuple(F.pad(t, (0, width - t.shape[-1]), value=(0.0 if n % 2 == 0 else num_experts)) for n, t in enumerate(pairs))
+    extra = width - weights.shape[-1]
+    return F.pad(weights, (0, extra), value=0.0), F.pad(indices, (0, extra), value=num_experts)
 
 
 @contextmanager
@@ -230,14 +231,16 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
 
     Args:
         model: a supported MoE model whose routing rule the kernel reproduces (not PhiMoE).
-        spec: an :class:`Intervention` (``disable(...) + reweight(...)`` ...).
+        spec: an :class:`Intervention` (``disable(...) + reweight(...)`` ...); an empty
+            ``Intervention()`` changes nothing and registers no hook.
         rows: restrict the intervention to these batch rows (e.g. ``slice(4, 8)``: one batch can
             hold the baseline and the steered copies of the same prompts).
 
     Raises :class:`SpecError` before touching the model if the spec does not fit it.
     """
     plans = bind(model, spec)
-    needs_steps = rows is not None or any(s.scope != "all" for plan in plans for s in plan.scoped)
+    # an empty spec (or one touching no layer) registers nothing: callers may pass Intervention()
+    needs_steps = bool(plans) and (rows is not None or any(s.scope != "all" for plan in plans for s in plan.scoped))
     current: dict[str, StepTokens | None] = {"step": None}
     handles = []
     try:

@@ -82,7 +82,7 @@ def generate_contrast(
     new_tokens = []
     cache = None
     step_ids = input_ids
-    with torch.no_grad(), intervene(model, weak, rows=slice(batch, 2 * batch)), _maybe(model, strong, rows=slice(0, batch)):
+    with torch.no_grad(), intervene(model, weak, rows=slice(batch, 2 * batch)), intervene(model, strong or Intervention(), rows=slice(0, batch)):
         for _ in range(max_new_tokens):
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             output = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
@@ -108,9 +108,3 @@ def generate_contrast(
         new_tokens=generated,
         texts=tokenizer.batch_decode(generated, skip_special_tokens=True),
     )
-
-
-def _maybe(model: nn.Module, spec: Intervention | None, *, rows: slice) -> Any:
-    from contextlib import nullcontext
-
-    return intervene(model, spec, rows=rows) if spec is not None else nullcontext()
