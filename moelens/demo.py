@@ -26,9 +26,10 @@ RANDOM_SEEDS = 5
 def _split_probes(out: Path) -> tuple[Path, dict[str, list[str]]]:
     """Write the discovery half of the domain probes to ``out``; return it and the held-out half."""
     records = [json.loads(line) for line in (DATA / "probes" / "domains.jsonl").read_text().splitlines() if line.strip()]
-    discovery, held_out = [], {}
-    for number, record in enumerate(records):
-        (discovery if number % 2 == 0 else held_out.setdefault(record["domain"], [])).append(record if number % 2 == 0 else record["text"])
+    discovery = records[::2]
+    held_out: dict[str, list[str]] = {}
+    for record in records[1::2]:
+        held_out.setdefault(record["domain"], []).append(record["text"])
     path = out / "discovery.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in discovery))
     return path, held_out
