@@ -130,27 +130,15 @@ def routing_counts(model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -
     import numpy as np
     import torch
 
-    layers = model.model.layers
-    n_experts = model.config.num_experts
-    counts = np.zeros((len(layers), n_experts), dtype=np.int64)
-    mask_holder: dict[str, torch.Tensor] = {}
+    from moelens.tracer import trace
 
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            indices = output[2][mask_holder["mask"]]  # router output: (logits, weights, indices)
-            counts[layer] += np.bincount(indices.reshape(-1).numpy(), minlength=n_experts)
-        return hook
-
-    handles = [layer.mlp.gate.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for ids, mask in _batches(seqs, batch_size, model.config.pad_token_id):
-                mask_holder["mask"] = mask.reshape(-1).bool()
-                model(input_ids=ids, attention_mask=mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+    num_layers, num_experts = model.config.num_hidden_layers, model.config.num_experts
+    with torch.no_grad(), trace(model) as tracer:
+        for ids, mask in _batches(seqs, batch_size, model.config.pad_token_id):
+            model(input_ids=ids, attention_mask=mask)
+    routes = tracer.arrow("routes")
+    key = routes["layer"].to_numpy().astype(np.int64) * num_experts + routes["expert"].to_numpy()
+    return np.bincount(key, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
 
 
 def mean_loss(model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> float:
