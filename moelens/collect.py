@@ -9,6 +9,7 @@ killed at any point and rerun with ``resume=True`` writes every expected row exa
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -81,30 +82,41 @@ def read_prompts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _with_prompt_ids([record for _, record in records], path)
 
 
+def _read_text(path: Path, newline: str | None = None) -> io.StringIO:
+    """The file's text (UTF-8), or a :class:`PromptFileError` that says where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return io.StringIO(data.decode("utf-8"), newline=newline)
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise PromptFileError(
+            f"{path}, line {line}, column {column}: not UTF-8 (byte 0x{data[error.start]:02x}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _read_txt(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            yield f"line {number}", {"text": line.rstrip("\n")}
+    for number, line in enumerate(_read_text(path), start=1):
+        yield f"line {number}", {"text": line.rstrip("\n")}
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptFileError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise PromptFileError(f"{path}, line {number}: expected a JSON object with a `text` field")
-            yield f"line {number}", record
+    for number, line in enumerate(_read_text(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptFileError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise PromptFileError(f"{path}, line {number}: expected a JSON object with a `text` field")
+        yield f"line {number}", record
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, record in enumerate(csv.DictReader(handle), start=2):
-            yield f"line {number}", dict(record)
+    for number, record in enumerate(csv.DictReader(_read_text(path, newline="")), start=2):
+        yield f"line {number}", dict(record)
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -134,21 +146,33 @@ def _as_uint(value: Any) -> int | None:
 
 
 # --- the store's lifecycle -------------------------------------------------------------------
-def _prepare_out(out: Path, resume: bool) -> None:
-    if (out / store.MANIFEST).exists() and not resume:
-        raise CollectError(
-            f"{out} already holds a trace store. Pass --resume to continue it, or choose another --out "
-            "(nothing was written)."
-        )
+def _open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
+    """Create ``out``, refuse an existing store without ``resume``, take the store's writer lock.
+
+    The "already a store" check runs before the lock (a refused run leaves the store untouched)
+    and again under it (a run that started at the same moment may have just written its manifest).
+    """
+
+    def refuse_existing() -> None:
+        if (out / store.MANIFEST).exists() and not resume:
+            raise CollectError(
+                f"{out} already holds a trace store. Pass --resume to continue it, or choose another --out "
+                "(nothing was written)."
+            )
+
+    refuse_existing()
     if out.exists() and not out.is_dir():
         raise CollectError(f"--out {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        lock.acquire(_log)
     except OSError as error:
         raise CollectError(f"cannot write to --out {out}: {error.strerror or error}. Choose a writable directory.") from None
+    try:
+        refuse_existing()
+    except CollectError:
+        lock.release()
+        raise
 
 
 def _check_resume(out: Path, manifest: store.Manifest) -> None:
@@ -160,7 +184,11 @@ def _check_resume(out: Path, manifest: store.Manifest) -> None:
             f"(config {manifest.config_hash[:12]}, intervention {manifest.intervention}). Use a new --out."
         )
     if existing.collection.get("prompts_sha") != manifest.collection.get("prompts_sha"):
-        raise CollectError(f"--resume into {out}: the prompt file differs from the one the store was started with")
+        raise CollectError(
+            f"--resume into {out}: the prompts of {manifest.collection.get('prompts')} differ from those the store was "
+            f"started with ({existing.collection.get('prompts')}, {existing.collection.get('num_prompts')} prompts, "
+            "content hash recorded in the manifest). Resume with that same file, or collect into a new --out."
+        )
 
 
 def _repair_finished(out: Path, log: Any) -> set[str]:
@@ -190,12 +218,30 @@ def collect(
     Raises :class:`PromptFileError`, :class:`CollectError`, or the loader's errors, before
     anything is written where possible.
     """
-    from moelens.loading import load
-
     out = Path(out)
     records = read_prompts(prompts_path)
-    _prepare_out(out, options.resume)
     rank, world = _distributed_rank()
+    lock = store.WriterLock(out)
+    # one lock per store, held by rank 0 for the whole run; the other ranks learn its outcome
+    _on_rank_zero(rank, world, lambda: _open_for_writing(out, options.resume, lock))
+    try:
+        return _collect_locked(model_name, records, prompts_path, out, options, intervention, rank, world)
+    finally:
+        lock.release()
+
+
+def _collect_locked(
+    model_name: str,
+    records: list[dict[str, Any]],
+    prompts_path: str | os.PathLike[str],
+    out: Path,
+    options: CollectOptions,
+    intervention: Any,
+    rank: int,
+    world: int,
+) -> store.StoredTrace:
+    from moelens.loading import load
+
     model, tokenizer = load(model_name, device=options.device, dtype=options.dtype, device_map=options.device_map)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -313,7 +359,14 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{stats['tokens'] / max(time.perf_counter() - started, 1e-9):.0f}")
         parts["prompts"] = [_prompts_table(records, layout)]
-        store.write_shard(out, index, {name: _concat(tables) for name, tables in parts.items()})
+        try:
+            store.write_shard(out, index, {name: _concat(tables) for name, tables in parts.items()})
+        except OSError as error:
+            raise CollectError(
+                f"writing {store.shard_name(index)} into {out} failed: {error.strerror or error}. That shard was left "
+                f"out; the {len(store.finished_shards(out))} finished shards and the manifest are intact. Fix the cause "
+                "(free disk space, permissions), then rerun the same command with --resume to complete the store."
+            ) from error
     bar.close()
     stats["seconds"] = time.perf_counter() - started
     return stats
@@ -360,6 +413,25 @@ def _distributed_rank() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _on_rank_zero(rank: int, world: int, action: Any) -> None:
+    """Run ``action`` on rank 0; if it raises, every rank raises (the others with its message)."""
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            action()
+        except Exception as error:  # re-raised below, after the other ranks have been told
+            failure = error
+    if world > 1:
+        import torch.distributed as dist
+
+        message = [f"rank 0: {failure}" if failure is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and failure is None:
+            raise CollectError(message[0])
+    if failure is not None:
+        raise failure
 
 
 def _barrier(world: int) -> None:

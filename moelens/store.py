@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 TABLES = ("prompts", "tokens", "routes", "logits")
 MANIFEST = "manifest.json"
+LOCK_FILE = "writer.lock"
 
 
 class StoreError(RuntimeError):
@@ -128,19 +129,100 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        except ValueError as error:
+            raise StoreError(
+                f"{where} is corrupt ({error}): it was changed outside moelens, which only ever replaces it whole. "
+                "The shards' Parquet files are untouched: restore manifest.json from a copy, or collect again into a new --out."
+            ) from None
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"{where}: store schema version {version}, this moelens reads version {SCHEMA_VERSION}. "
                 "Re-collect the trace or use the moelens version that wrote it."
             )
-        data["layout"] = StoreLayout(**data["layout"])
-        return cls(**data)
+        try:
+            data["layout"] = StoreLayout(**data["layout"])
+            return cls(**data)
+        except (KeyError, TypeError) as error:
+            raise StoreError(f"{where} lacks or garbles a field ({error}); restore it from a copy or collect again") from None
 
     def identity(self) -> tuple[Any, ...]:
         """What must match for two runs to write into the same store."""
         return (self.model, self.config_hash, self.family, self.layout, self.intervention)
+
+
+class StoreLockedError(StoreError):
+    """Another live process holds the store's writer lock."""
+
+
+class WriterLock:
+    """The exclusive right to write a store: ``<root>/writer.lock``, held for a whole run.
+
+    The holder is the process that holds an ``flock`` on the file (the kernel releases it when
+    the process ends, however it ends); the file's content, the holder's pid, host and start
+    time, is only there to name the holder in messages. The file is never deleted (a deleted
+    lock file that another process has already opened would let two writers in), only emptied
+    on release. A lock whose holder died (killed, crashed) is taken over with a message.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, log: Any = None) -> None:
+        """Take the lock or raise :class:`StoreLockedError` naming the holder (never waits)."""
+        import fcntl
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise StoreLockedError(
+                f"{self.path.parent} is being written by another moelens process ({holder}). Two writers "
+                "would lose each other's prompts: wait for it to finish, or write to another --out."
+            ) from None
+        previous = _lock_holder(fd)
+        if previous != "unknown holder" and log is not None:
+            log(f"moelens: took over the lock of {self.path.parent}: its holder ({previous}) ended without releasing it")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N on host H since T' from a lock file's content, or 'unknown holder' if empty."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {record['pid']} on host {record['host']} since {record['started']}"
+    except (ValueError, TypeError, KeyError):
+        return "unknown holder"
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -285,13 +367,38 @@ class StoredTrace(TraceTables):
             self._connection = connection
         return self._connection
 
+    def sql(self, query: str) -> pd.DataFrame:
+        import duckdb
+
+        try:
+            return super().sql(query)
+        except duckdb.Error as error:
+            self._raise_if_damaged(error)
+            raise
+
     def _load(self, name: str) -> pd.DataFrame:
         import pyarrow.parquet as pq
 
         files = self.files(name)
         if not files:
             raise AttributeError(f"the store at {self.root} has no {name!r} table")
-        return widen_half_floats(pq.ParquetDataset(files).read()).to_pandas()
+        try:
+            table = pq.ParquetDataset(files).read()
+        except Exception as error:  # pyarrow raises several types for truncated or garbled files
+            self._raise_if_damaged(error)
+            raise
+        return widen_half_floats(table).to_pandas()
+
+    def _raise_if_damaged(self, error: BaseException) -> None:
+        """Turn a reader's error into one that names the damaged shards, if any shard is."""
+        damaged = {name: problem for name in self.shards if (problem := verify_shard(self.root, name)) is not None}
+        if damaged:
+            first, problem = next(iter(damaged.items()))
+            raise StoreError(
+                f"{self.root}: {len(damaged)} finished shard(s) are damaged, e.g. {first}: {problem}. Rerun the "
+                "same `moelens collect ... --resume` to repair the store: it moves damaged shards to quarantine/ "
+                "and collects their prompts again."
+            ) from error
 
     def __repr__(self) -> str:
         m = self.manifest

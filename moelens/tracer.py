@@ -16,7 +16,7 @@ or compiled forward cannot silently record nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ class _Session:
 
     prompt_ids: list[Any]
     batch_size: int
+    ended: torch.Tensor | None = None  # [B] bool on the model's device: rows whose end token was fed
 
 
 class Tracer(TraceTables):
@@ -70,8 +71,10 @@ class Tracer(TraceTables):
         full_logits: bool = False,
         prompt_ids: Sequence[Any] | None = None,
         layout: StoreLayout | None = None,
+        end_token_ids: Collection[int] | None = None,
     ) -> None:
         self.model = model
+        self._end_token_ids = _end_token_ids(model, tokenizer, end_token_ids)
         self._layout = layout
         self.tokenizer = tokenizer
         self.full_logits = full_logits
@@ -122,6 +125,8 @@ class Tracer(TraceTables):
         batch = tokens.real.shape[0]
         if not tokens.generated or self._session is None or self._session.batch_size != batch:
             self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
+        if self._end_token_ids is not None:
+            tokens, self._session.ended = tokens.end_rows(self._session.ended, self._end_token_ids)
         self._current = _Step(prompt_ids=self._session.prompt_ids, tokens=tokens)
 
     def _take_prompt_id(self) -> Any:
@@ -312,6 +317,21 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
     return table.sort_by([(key, "ascending") for key in keys])
 
 
+def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:
+    """The end-of-sequence ids after which a generated row holds no real token (``None``: none)."""
+    import torch
+
+    if given is None:
+        found: set[int] = set()
+        config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        found.update([config_ids] if isinstance(config_ids, int) else config_ids or [])
+        tokenizer_id = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(tokenizer_id, int):
+            found.add(tokenizer_id)
+        given = found
+    return torch.tensor(sorted(given), dtype=torch.long) if given else None
+
+
 def store_layout(model: nn.Module, layers: Sequence[MoeLayer], *, prompt_id_type: str = "uint32") -> StoreLayout:
     """The store layout (column types) for traces of ``model``."""
     config = model.config
@@ -332,6 +352,7 @@ def trace(
     full_logits: bool = False,
     prompt_ids: Sequence[Any] | None = None,
     layout: StoreLayout | None = None,
+    end_token_ids: Collection[int] | None = None,
 ) -> Tracer:
     """Record routing decisions of ``model`` inside a ``with`` block.
 
@@ -342,8 +363,14 @@ def trace(
         prompt_ids: ids for the prompts in the order the traced forward calls meet them (a new
             prompt per batch row at each prefill); default 0, 1, 2, ...
         layout: the column types of the tables (default: derived from the model and the ids).
+        end_token_ids: on decode steps, a row's first fed token among these ids ends the row: it
+            and every later token of the row (padding ``generate`` feeds to finished rows while
+            others go on) are not recorded. Default: the model's ``generation_config.eos_token_id``
+            and the tokenizer's EOS; ``()`` records every fed token. Prompt tokens are never cut.
 
     Returns:
         a :class:`Tracer`; its tables are readable once the block has ended without error.
     """
-    return Tracer(model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids, layout=layout)
+    return Tracer(
+        model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids, layout=layout, end_token_ids=end_token_ids
+    )

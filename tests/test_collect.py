@@ -15,6 +15,7 @@ import pytest
 
 import moelens
 from moelens.cli import main
+from moelens.store import StoreError
 
 MODEL = "tiny:qwen2_moe"
 
@@ -216,3 +217,142 @@ def test_intervention_is_applied_and_recorded(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"interventions": [{"kind": "disable", "experts": {"0": [1]}}]}')
     code, err = _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s2"), "--intervention", str(tmp_path / "bad.json"), "--no-progress"], capsys)
     assert code == 2 and "layer 0 is dense" in err and not (tmp_path / "s2" / "manifest.json").exists()
+
+
+# --- one writer per store, faults ------------------------------------------------------------
+def _collect_process(prompts: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "moelens.cli", "collect", MODEL, str(prompts), "--out", str(out),
+               "--batch-size", "2", "--shard-size", "4", "--no-progress", *extra]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_writers_started_together_never_lose_prompts(tmp_path):
+    """The issue's case: two runs, different prompt files, one --out, started at the same moment."""
+    files = {name: _write_jsonl(tmp_path / f"{name}.jsonl", [{"id": f"{name}{i}", **r} for i, r in enumerate(_prompts(24))])
+             for name in ("a", "b")}
+    runs = {name: _collect_process(path, tmp_path / "s") for name, path in files.items()}
+    results = {name: (run.wait(), run.stderr.read()) for name, run in runs.items()}
+    winners = [name for name, (code, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    (loser,) = set(results) - set(winners)
+    code, err = results[loser]
+    assert code == 2 and ("being written by another moelens process (pid" in err or "already holds a trace store" in err), err
+    prompts = moelens.read_trace(tmp_path / "s").prompts["prompt_id"]
+    assert sorted(prompts) == sorted(f"{winners[0]}{i}" for i in range(24))
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
+    first = _write_jsonl(tmp_path / "a.jsonl", _prompts(40))
+    running = _collect_process(first, tmp_path / "s")
+    lock = tmp_path / "s" / "writer.lock"
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and lock.read_text()):
+        assert running.poll() is None and time.monotonic() < deadline, running.stderr.read()
+        time.sleep(0.02)
+    second = _write_jsonl(tmp_path / "b.jsonl", [{"text": "another file"}])
+    code, err = _run(["collect", MODEL, str(second), "--out", str(tmp_path / "s"), "--resume", "--no-progress"], capsys)
+    assert code == 2 and f"being written by another moelens process (pid {running.pid} on host" in err
+    assert running.wait() == 0, running.stderr.read()
+    assert sorted(moelens.read_trace(tmp_path / "s").prompts["prompt_id"]) == list(range(40))
+    assert lock.read_text() == ""  # released
+
+
+def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(40))
+    killed = _collect_process(prompts, tmp_path / "s")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "s" / "shards" / "shard-000001.json").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stderr.read()
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert f'"pid": {killed.pid}' in (tmp_path / "s" / "writer.lock").read_text()  # left behind by the kill
+    resumed = _collect_process(prompts, tmp_path / "s", "--resume")
+    assert resumed.wait() == 0
+    err = resumed.stderr.read()
+    assert f"took over the lock of {tmp_path / 's'}: its holder (pid {killed.pid} on host" in err
+    assert sorted(moelens.read_trace(tmp_path / "s").prompts["prompt_id"]) == list(range(40))
+
+
+def test_resume_with_a_changed_prompt_file_is_refused(tmp_path, capsys):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(3))
+    args = ["collect", MODEL, str(prompts), "--out", str(tmp_path / "s"), "--no-progress"]
+    assert _run(args, capsys)[0] == 0
+    _write_jsonl(prompts, _prompts(4))
+    code, err = _run([*args, "--resume"], capsys)
+    assert code == 2 and "differ from those the store was started with" in err and "3 prompts" in err
+    assert len(moelens.read_trace(tmp_path / "s").prompts) == 3
+
+
+def test_a_store_directory_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """Read-only --out (simulated: the tests may run as root, whom file modes do not stop)."""
+    import errno
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(2))
+    (tmp_path / "s").mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "s")) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    code, err = _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 2 and f"cannot write to --out {tmp_path / 's'}: Permission denied. Choose a writable directory." in err
+
+
+def test_disk_full_during_a_shard_write_loses_nothing_and_resume_completes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(6))
+    args = ["collect", MODEL, str(prompts), "--shard-size", "2", "--no-progress"]
+    assert _run([*args, "--out", str(tmp_path / "clean")], capsys)[0] == 0
+    real_write = pq.write_table
+
+    def fills_the_disk(table, where, **kwargs):
+        if "shard-000001" in str(where) and "routes" in str(where):
+            Path(where).write_bytes(b"PAR1 half a file")  # what a full disk leaves: a partial temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", fills_the_disk)
+    code, err = _run([*args, "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "writing shard-000001" in err and "No space left on device" in err and "--resume" in err
+    store_dir = tmp_path / "s"
+    assert (store_dir / "shards" / "shard-000000.json").exists() and not (store_dir / "shards" / "shard-000001.json").exists()
+    assert not list(store_dir.rglob("*.tmp")) and not (store_dir / "routes" / "shard-000001.parquet").exists()
+    assert json.loads((store_dir / "manifest.json").read_text())["family"] == "qwen2_moe"
+    monkeypatch.setattr(pq, "write_table", real_write)
+    code, err = _run([*args, "--out", str(store_dir), "--resume"], capsys)
+    assert code == 0, err
+    pd.testing.assert_frame_equal(_routes_of(store_dir), _routes_of(tmp_path / "clean"))
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes(b"first prompt\nsecond caf\xc3\xa9 ok\nthird \xff bad\n")  # valid UTF-8 until line 3
+    code, err = _run(["collect", MODEL, str(tmp_path / "p.txt"), "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    assert code == 2 and "p.txt, line 3, column 7: not UTF-8 (byte 0xff)" in err and "save the file as UTF-8" in err
+
+
+def test_a_corrupt_manifest_is_named(tmp_path, capsys):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(2))
+    assert _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s"), "--no-progress"], capsys)[0] == 0
+    (tmp_path / "s" / "manifest.json").write_text('{"schema_version": 1, "model": ')
+    with pytest.raises(StoreError, match=r"manifest.json is corrupt \(Expecting value.*restore manifest.json from a copy"):
+        moelens.read_trace(tmp_path / "s")
+
+
+def test_a_truncated_shard_is_named_on_first_query(tmp_path, capsys):
+    prompts = _write_jsonl(tmp_path / "p.jsonl", _prompts(6))
+    assert _run(["collect", MODEL, str(prompts), "--out", str(tmp_path / "s"), "--shard-size", "2", "--no-progress"], capsys)[0] == 0
+    victim = tmp_path / "s" / "routes" / "shard-000002.parquet"
+    victim.write_bytes(victim.read_bytes()[:200])
+    stored = moelens.read_trace(tmp_path / "s")
+    expected = r"1 finished shard\(s\) are damaged, e.g. shard-000002: routes/shard-000002.parquet unreadable.*collect \.\.\. --resume"
+    with pytest.raises(StoreError, match=expected):
+        stored.sql("SELECT count(*) FROM routes")
+    with pytest.raises(StoreError, match=expected):
+        stored.routes

@@ -289,7 +289,8 @@ def test_easy_ep_scores_equal_a_brute_force_computation(family):
                 for t in torch.nonzero(real).flatten().tolist():
                     outs = [_expert(layer.experts, e, h[t : t + 1])[0] for e in indices[t].tolist()]
                     routed = sum(g * o for g, o in zip(weights[t], outs))
-                    cos = x[t] @ (x[t] + routed) / (x[t].norm() * (x[t] + routed).norm())
+                    after = (x[t] + routed).double()  # the sum as the model forms it, the cosine in float64
+                    cos = x[t].double() @ after / (x[t].double().norm() * after.norm())
                     for g, e, o in zip(weights[t], indices[t].tolist(), outs):
                         score[e] += float(g * o.norm() * max(0.0, 1 - cos.item()))
                 expected += [dict(domain=domain, layer=layer.index, expert=e, brute=s)

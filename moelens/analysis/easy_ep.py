@@ -150,6 +150,7 @@ class _Importance:
             return
         real = self.batch.valid  # indexing, not masking by product: padding rows may hold NaN
         x, routed = self.residual[real], output.detach().float()[real]  # [T_real, H]
-        turn = (1 - F.cosine_similarity(x, x + routed, dim=-1)).clamp(min=0)  # [T_real]
-        self.score += (self.contribution[real] * turn[:, None]).sum(dim=0).double()
+        # 1 - cos is a small difference of numbers near 1: in float32 it keeps only a few digits
+        turn = (1 - F.cosine_similarity(x.double(), (x + routed).double(), dim=-1)).clamp(min=0)  # [T_real]
+        self.score += (self.contribution[real].double() * turn[:, None]).sum(dim=0)
         self.residual = self.contribution = None

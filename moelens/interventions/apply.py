@@ -76,12 +76,13 @@ def bind(model: nn.Module, spec: Intervention) -> list[_LayerPlan]:
             if index not in layers:
                 where = "is dense (no router)" if 0 <= index < num_layers else f"is out of range: the model has layers 0-{num_layers - 1}"
                 raise SpecError(f"{part.kind}: layer {index} {where}; MoE layers are {sorted(layers)}")
-    rule = adapter.routing_rule(model.config)  # raises for families whose routing the kernel cannot reproduce
     plans = []
     for index, layer in layers.items():
         parts = [p for p in spec.parts if p.layers() is None or index in p.layers()]
         if not parts:
             continue
+        # only a spec that changes routing needs the rule: tracing families without one stays possible
+        rule = adapter.routing_rule(model.config)  # raises for families whose routing the kernel cannot reproduce
         scopes = list(dict.fromkeys(p.tokens for p in parts))
         bias_attr = adapter.correction_bias_attr
         plans.append(

@@ -85,8 +85,8 @@ def generate_contrast(
     with torch.no_grad(), intervene(model, weak, rows=slice(batch, 2 * batch)), intervene(model, strong or Intervention(), rows=slice(0, batch)):
         for _ in range(max_new_tokens):
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            output = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            cache = output.cache
             last = output.logits[:, -1].float()  # [2B, V]
             scores = contrast_logits(last[:batch], last[batch:], beta=beta, alpha=alpha)
             if do_sample:
