@@ -18,14 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+from moelens.loading import shipped_path
+
 EXPERTS_PER_LAYER = 2
 RANDOM_SEEDS = 5
 
 
 def _split_probes(out: Path) -> tuple[Path, dict[str, list[str]]]:
     """Write the discovery half of the domain probes to ``out``; return it and the held-out half."""
-    records = [json.loads(line) for line in (DATA / "probes" / "domains.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in shipped_path("probes", "domains.jsonl").read_text().splitlines() if line.strip()]
     discovery = records[::2]
     held_out: dict[str, list[str]] = {}
     for record in records[1::2]:
@@ -86,7 +87,7 @@ def _arith_contrast(model: Any, tokenizer: Any, limit: int = 60) -> dict[str, tu
     """(exact-answer accuracy, share of answer characters right in place) for greedy and SCMoE."""
     from moelens.interventions.contrast import generate_contrast
 
-    tasks = [json.loads(line) for line in (DATA / "probes" / "arith_tasks.jsonl").read_text().splitlines() if line.strip()][:limit]
+    tasks = [json.loads(line) for line in shipped_path("probes", "arith_tasks.jsonl").read_text().splitlines() if line.strip()][:limit]
     prompts, answers = [t["text"] for t in tasks], [t["answer"] for t in tasks]
     scored = {}
     for name, beta, alpha in (("greedy", 0.0, 1.0), ("scmoe", 0.5, 0.1)):

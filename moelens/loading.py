@@ -17,7 +17,23 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "moelens-tiny"
 TINY_PREFIX = "tiny:"
-_SHIPPED = {DEFAULT_MODEL: Path(__file__).resolve().parent.parent / "data" / "models" / DEFAULT_MODEL}
+
+
+def shipped_path(*parts: str) -> Path:
+    """A file or folder under the data moelens ships (``data/`` in the repository, installed as the
+    package data ``moelens/data/``): the trained model and the probe sets."""
+    from importlib.resources import files
+
+    path = Path(str(files("moelens").joinpath("data", *parts)))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"moelens' shipped data {'/'.join(parts)} is missing at {path}: this installation of moelens is "
+            "incomplete. Reinstall it from a wheel or sdist built by `python -m build` (which includes data/)."
+        )
+    return path
+
+
+_SHIPPED = {DEFAULT_MODEL: ("models", DEFAULT_MODEL)}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -36,7 +52,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path | None:
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
         return None
-    path = _SHIPPED.get(name, Path(name).expanduser())
+    path = shipped_path(*_SHIPPED[name]) if name in _SHIPPED else Path(name).expanduser()
     if not path.is_dir():
         raise ModelNotFoundError(
             f"{name!r} is not a model: no directory {path} exists. Pass a local Hugging Face checkpoint "

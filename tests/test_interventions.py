@@ -324,6 +324,26 @@ def test_phimoe_interventions_are_refused_clearly():
             pass
 
 
+def test_a_family_without_routing_rule_is_still_collected_and_analysed(tmp_path, capsys):
+    """Tracing never needs a routing rule: the empty intervention (what collect applies when
+    none is asked for) binds nothing on PhiMoE, whose sparsemixer the kernel cannot reproduce."""
+    import json
+
+    from moelens import analysis
+    from moelens.cli import main
+
+    model, tokenizer = moelens.load("tiny:phimoe")
+    with intervene(model, Intervention()), torch.no_grad():
+        model(**tokenizer(PROMPTS[:1], return_tensors="pt"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t, "kind": "code" if i % 2 else "prose"}) + "\n" for i, t in enumerate(PROMPTS * 2)))
+    code = main(["collect", "tiny:phimoe", str(prompts), "--out", str(tmp_path / "s"), "--max-new-tokens", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    store = moelens.read_trace(tmp_path / "s")
+    assert store.manifest.family == "phimoe" and len(store.prompts) == 2 * len(PROMPTS)
+    assert len(analysis.ftri_scores(store, tag="kind", target="code", permutations=20)) > 0
+
+
 # --- SCMoE ------------------------------------------------------------------------------------
 def _two_pass_contrast(model, tokenizer, prompt, *, beta, alpha, steps):
     """Textbook SCMoE: two separate full forwards per step, no cache, one prompt at a time."""

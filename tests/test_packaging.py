@@ -55,16 +55,24 @@ def test_transformers_does_not_mistake_the_kernels_folder_for_hugging_face_kerne
     assert result.stdout.strip() == str(installed)
 
 
-@pytest.mark.slow
-def test_wheel_contains_every_source_file(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
         capture_output=True,
         text=True,
     )
     assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = tmp_path.glob("moelens-*.whl")
+    (path,) = out.glob("moelens-*.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_wheel_contains_every_source_file_and_the_shipped_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"moelens/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "data").rglob("*") if p.is_file()}
+    assert "moelens/data/models/moelens-tiny/model.safetensors" in shipped and shipped - names == set()
     expected = set()
     for folder, package in (("moelens", "moelens"), ("hooks", "moelens/hooks"), ("kernels", "moelens/kernels")):
         for source in (ROOT / folder).rglob("*.py"):
@@ -74,3 +82,38 @@ def test_wheel_contains_every_source_file(tmp_path):
             expected.add(f"{package}/{relative.as_posix()}")
     assert expected - names == set()
     assert "moelens/py.typed" in names
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_loads_and_traces_the_default_model(wheel, tmp_path):
+    """A non-editable install, outside the repository: moelens comes from the wheel alone (its
+    dependencies are borrowed from this environment's site-packages, whose editable moelens is not
+    activated because .pth files of an added path are not processed)."""
+    import site
+    import venv
+
+    fresh = tmp_path / "venv"
+    venv.create(fresh, with_pip=False)
+    target = next(fresh.glob("lib/python*/site-packages"))
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    (target / "borrowed-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [str(fresh / "bin" / "python"), "-c",
+         "import moelens, torch\n"
+         "model, tok = moelens.load()\n"
+         "with torch.no_grad(), moelens.trace(model, tokenizer=tok) as tr:\n"
+         "    model.generate(**tok(['def add(a, b):'], return_tensors='pt'), max_new_tokens=3, do_sample=False)\n"
+         "print(moelens.__file__)\n"
+         "print(int(tr.tokens['generated'].sum()), tr.routes['layer'].nunique())"],
+        cwd=elsewhere, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    where, counts = result.stdout.split()[-3], result.stdout.split()[-2:]
+    assert where.startswith(str(target)), where
+    assert counts == ["2", "4"]

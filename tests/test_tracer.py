@@ -105,8 +105,9 @@ def test_generate_trace_matches_one_forward_over_the_generated_text(tiny):
     """Decode steps with a KV cache route like one forward pass over the same tokens."""
     model, tokenizer = tiny
     batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
-    with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as generated:
-        sequences = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    # EOS is an ordinary token here (rows that end early: tests/test_generation_steps.py)
+    with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer, end_token_ids=()) as generated:
+        sequences = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     tokens = generated.tokens
     assert tokens.groupby("prompt_id")["generated"].sum().tolist() == [4, 4]  # the 5th token is never fed back
     for prompt_id in (0, 1):

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moelens.interventions import disable, intervene
+from moelens.loading import shipped_path
 from moelens.zoo.corpus import DOMAINS
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PROBES = REPO_ROOT / "data" / "probes" / "domains.jsonl"
 
 
 def evidence(
@@ -45,7 +44,7 @@ def evidence(
     corpus_dir: Path | None = None,
     *,
     out_dir: Path | None = None,
-    probes: Path = DEFAULT_PROBES,
+    probes: Path | None = None,
     n_windows: int = 24,
     seq_len: int = 256,
     n_ablate: int = 2,
@@ -69,6 +68,7 @@ def evidence(
     # attention weights can be returned for the sink measurement.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
+    probes = probes if probes is not None else shipped_path("probes", "domains.jsonl")
     texts, source = load_domain_texts(tokenizer, corpus_dir, probes, n_windows=n_windows, seq_len=seq_len)
     select = {d: seqs[: len(seqs) // 2] for d, seqs in texts.items()}
     held = {d: seqs[len(seqs) // 2:] for d, seqs in texts.items()}
@@ -281,9 +281,9 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelens.zoo.evidence", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO_ROOT / "data" / "models" / "moelens-tiny")
+    parser.add_argument("--model", type=Path, default=shipped_path("models", "moelens-tiny"))
     parser.add_argument("--corpus", type=Path, help="corpus folder; without it the probe prompts are used")
-    parser.add_argument("--probes", type=Path, default=DEFAULT_PROBES)
+    parser.add_argument("--probes", type=Path, default=shipped_path("probes", "domains.jsonl"))
     parser.add_argument("--out", type=Path, help="where to write evidence-*.json/md (default: the model folder)")
     parser.add_argument("--seeds", type=int, default=10, help="random-ablation seeds (at least 5)")
     args = parser.parse_args(argv)
