@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots
+from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
 
 NEG_INF = float("-inf")
 
@@ -27,7 +27,7 @@ def route_reference(
     if controls is None or controls.token_mask is None:
         return _route_all_tokens(logits, rule, correction_bias, controls or RoutingControls())
     # Route every token both ways and keep, per token, the one its mask asks for.
-    k = num_slots(rule, controls)
+    k = num_slots(rule, controls, logits.shape[1])
     w_on, i_on = _route_all_tokens(logits, rule, correction_bias, replace(controls, token_mask=None))
     w_off, i_off = _route_all_tokens(logits, rule, correction_bias, RoutingControls())
     num_experts = logits.shape[1]
@@ -68,7 +68,7 @@ def _route_all_tokens(
     if c.rank is not None:
         n_pick = c.rank
     elif c.top_p is not None:
-        n_pick = c.top_p_max_k or rule.top_k
+        n_pick = top_p_cap(c, num_experts)
     else:
         n_pick = rule.top_k - len(forced_ids)
     top_values, indices = torch.topk(choice.masked_fill(force, NEG_INF), n_pick, dim=-1)  # [T, n_pick]
@@ -89,7 +89,7 @@ def _route_all_tokens(
 
     # 5. Weights of the selected experts.
     if c.rank is not None:
-        weights = (~empty).float()
+        weights = (~empty).float() * rule.scaling  # one expert at the family's full scale
     else:
         if rule.select_before_score:
             selected_logits = _gather(x, indices, NEG_INF)
@@ -100,6 +100,10 @@ def _route_all_tokens(
             weights = weights.masked_fill(empty, 0.0)
         else:
             weights = _gather(full_scores, indices, 0.0)
+        if c.top_p is not None and rule.score == "sigmoid":
+            # sigmoid scores are not probabilities: under top-p a weight is the expert's share of the
+            # eligible score mass (what the prefix was measured in), on the family's scale
+            weights = weights / full_scores.masked_fill(choice == NEG_INF, 0.0).sum(dim=-1, keepdim=True)
         renormalize = c.top_p_renormalize if c.top_p is not None else rule.renormalize
         if renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

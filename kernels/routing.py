@@ -63,15 +63,16 @@ class RoutingControls:
     drop_renormalize: bool = False  # rescale the remaining weights to the pre-drop total (MoTE switch-off)
     multiplier: Tensor | None = None  # [E] float > 0, multiplies the selected weights (RICE)
     multiplier_renormalize: bool = False  # rescale to the pre-multiplication total
-    top_p: float | None = None  # smallest choice-ordered prefix whose normalised-score mass exceeds p
-    top_p_max_k: int | None = None  # cap on the prefix length; default top_k
+    top_p: float | None = None  # smallest choice-ordered prefix whose normalised-score mass exceeds p; weights:
+    # softmax probabilities, or for sigmoid rules each expert's share of the eligible sigmoid mass
+    top_p_max_k: int | None = None  # cap on the prefix length; None = no cap (all experts), as in the paper
     top_p_renormalize: bool = False  # replaces rule.renormalize under top_p (Dynamic-MoE: raw probabilities)
-    rank: int | None = None  # 1-based: only the rank-r expert, weight 1.0 (SCMoE weak pass)
+    rank: int | None = None  # 1-based: only the rank-r expert, weight rule.scaling (1.0 for most families; SCMoE weak pass)
     token_mask: Tensor | None = None  # [T] bool, tokens the controls apply to; others routed as with no controls
 
 
-def num_slots(rule: RoutingRule, controls: RoutingControls | None) -> int:
-    """K, the width of `route`'s outputs: top_k, top_p_max_k under top_p, 1 under rank.
+def num_slots(rule: RoutingRule, controls: RoutingControls | None, num_experts: int) -> int:
+    """K, the width of `route`'s outputs: top_k, the top-p cap under top_p, 1 under rank.
 
     With a token_mask the unmasked tokens still need top_k slots, so K is at least top_k there.
     """
@@ -80,10 +81,15 @@ def num_slots(rule: RoutingRule, controls: RoutingControls | None) -> int:
     if controls.rank is not None:
         k = 1
     elif controls.top_p is not None:
-        k = controls.top_p_max_k or rule.top_k
+        k = top_p_cap(controls, num_experts)
     else:
         k = rule.top_k
     return max(k, rule.top_k) if controls.token_mask is not None else k
+
+
+def top_p_cap(controls: RoutingControls, num_experts: int) -> int:
+    """The most experts a top-p prefix may hold: ``top_p_max_k``, or every expert when it is None."""
+    return controls.top_p_max_k or num_experts
 
 
 def route(
@@ -96,7 +102,7 @@ def route(
 ) -> tuple[Tensor, Tensor]:
     """Route tokens: logits [T, E] -> (weights [T, K] float32, indices [T, K] int64).
 
-    K is given by `num_slots`. Empty slots hold index E and weight 0. Slots are ordered by descending choice
+    K is given by `num_slots` (E = logits.shape[1]). Empty slots hold index E and weight 0. Slots are ordered by descending choice
     score, forced experts last. With no controls the result equals the family's own router (indices exactly,
     up to order where the family uses sorted=False top-k; weights to float tolerance).
     `impl="auto"` runs the Triton kernel on CUDA tensors and the fast torch path otherwise.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots
+from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
 
 NEG_INF = float("-inf")
 _NO_CONTROLS = RoutingControls()
@@ -79,7 +79,7 @@ def route_torch(
     if c.token_mask is None:
         return _route(logits, rule, correction_bias, c, prep)
     num_tokens, num_experts = logits.shape
-    k = num_slots(rule, c)
+    k = num_slots(rule, c, num_experts)
     weights = logits.new_zeros(num_tokens, k, dtype=torch.float32)
     indices = torch.full((num_tokens, k), num_experts, dtype=torch.int64, device=logits.device)
     for rows, part_controls, part_prep in (
@@ -118,7 +118,7 @@ def _route(
     if c.rank is not None:
         n_pick = c.rank
     elif c.top_p is not None:
-        n_pick = c.top_p_max_k or rule.top_k
+        n_pick = top_p_cap(c, num_experts)
     else:
         n_pick = rule.top_k - n_forced
     values, indices = _topk(choice if force_ids is None else choice + prep.forced_inf, n_pick)
@@ -131,11 +131,12 @@ def _route(
         indices.masked_fill_(values == NEG_INF, num_experts)
     if c.rank is not None:
         indices = indices[:, c.rank - 1 :]  # [T, 1]
-        return _reweigh((indices != num_experts).float(), indices, c, prep), indices
+        return _reweigh((indices != num_experts).float() * rule.scaling, indices, c, prep), indices
 
     picked = values if monotone else None  # [T, K] selected logits, -inf in empty slots
+    eligible_mass = None
     if c.top_p is not None:
-        cut = _beyond_top_p(x, scores, choice, indices, rule, c.top_p)
+        cut, eligible_mass = _beyond_top_p(x, scores, choice, indices, rule, c.top_p)
         indices.masked_fill_(cut, num_experts)
         picked = picked.masked_fill(cut, NEG_INF) if monotone else None
     elif force_ids is not None and len(force_ids):
@@ -159,6 +160,8 @@ def _route(
         renormalize = False
     else:
         weights = torch.exp(picked - torch.logsumexp(x, dim=-1, keepdim=True))
+    if eligible_mass is not None and rule.score == "sigmoid":
+        weights = weights / eligible_mass  # a sigmoid weight under top-p: its share of the eligible mass
     if renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     if rule.scaling != 1.0:
@@ -210,8 +213,9 @@ def _limit_to_best_groups(choice: Tensor, rule: RoutingRule, *, has_ineligible: 
 
 def _beyond_top_p(
     x: Tensor, scores: Tensor | None, choice: Tensor, indices: Tensor, rule: RoutingRule, p: float
-) -> Tensor:
-    """[T, K] True for the slots after the first whose cumulative normalised score (over eligible experts) exceeds p."""
+) -> tuple[Tensor, Tensor]:
+    """([T, K] True for the slots after the first whose cumulative normalised score (over eligible experts)
+    exceeds p, [T, 1] the eligible experts' score mass)."""
     num_experts = x.shape[1]
     if scores is None:
         scores = _score(x, rule)
@@ -219,7 +223,7 @@ def _beyond_top_p(
     picked = scores.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, 0.0)
     mass = (picked / eligible_mass).cumsum(dim=-1)
     mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
-    return mass_before > p
+    return mass_before > p, eligible_mass
 
 
 def _reweigh(weights: Tensor, indices: Tensor, c: RoutingControls, prep: _Prepared) -> Tensor:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots
+from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
 
 MODE_TOP_K: tl.constexpr = tl.constexpr(0)
 MODE_TOP_P: tl.constexpr = tl.constexpr(1)
@@ -155,6 +155,9 @@ def _routing_kernel(
             weights = tl.where(filled, tl.sigmoid(picked_value), 0.0)
     else:
         weights = tl.where(filled, picked_value, 0.0)
+    if MODE == MODE_TOP_P:
+        if not SOFTMAX:  # a sigmoid weight under top-p: its share of the eligible score mass
+            weights = tl.where(on[:, None], weights / eligible_mass[:, None], weights)
     if RENORMALIZE or RENORMALIZE_ON:
         renormalized = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
         if RENORMALIZE and RENORMALIZE_ON:
@@ -165,7 +168,7 @@ def _routing_kernel(
             weights = tl.where(on[:, None], weights, renormalized)
     weights = weights * scaling
     if MODE == MODE_RANK:
-        weights = tl.where(on[:, None], filled.to(tl.float32), weights)
+        weights = tl.where(on[:, None], filled.to(tl.float32) * scaling, weights)
 
     # 6. Intervene on the weights (tokens without controls get factor 1 and no drop).
     gathered = on[:, None] & filled
@@ -207,7 +210,7 @@ def route_triton(
     """
     c = controls or RoutingControls()
     num_tokens, num_experts = logits.shape
-    k_out = num_slots(rule, c)
+    k_out = num_slots(rule, c, num_experts)
     if not logits.is_cuda and not triton.knobs.runtime.interpret:
         raise RuntimeError(
             "the Triton routing kernel got CPU tensors without the interpreter; set TRITON_INTERPRET=1 "
@@ -224,7 +227,7 @@ def route_triton(
     if c.rank is not None:
         mode, slots_on = MODE_RANK.value, 1
     elif c.top_p is not None:
-        mode, slots_on = MODE_TOP_P.value, c.top_p_max_k or rule.top_k
+        mode, slots_on = MODE_TOP_P.value, top_p_cap(c, num_experts)
     else:
         mode, slots_on = MODE_TOP_K.value, rule.top_k
     _routing_kernel[(triton.cdiv(num_tokens, block_t),)](

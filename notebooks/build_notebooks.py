@@ -102,7 +102,7 @@ STEERING = [
         "import pandas as pd\n"
         "from moelens.evaluation import mean_token_loss\n"
         "from moelens.interventions import disable, reweight, top_p, intervene\n\n"
-        "no_german = analysis.ftri_spec(ftri['de'], 8, kind='disable')\n"
+        "no_german = analysis.ftri_spec(ftri['de'], 8, kind='reroute')\n"
         "print(no_german.to_json())\n\n"
         "def losses(spec=None):\n"
         "    '''Mean held-out loss per domain, optionally under an intervention.'''\n"
@@ -259,7 +259,7 @@ SPECIALIZATION = [
         "calibration = [json.loads(line)['text'] for line in (PROBES / 'calibration.jsonl').read_text().splitlines()]\n"
         "profiled, held_out_calibration = calibration[:16], calibration[16:32]\n"
         "report = analysis.profile_super_experts(model, tokenizer, profiled)\n"
-        "print('flagged:', report.to_disable() or 'none', '| thresholds:', {k: round(v, 2) for k, v in report.thresholds.items()})\n"
+        "print('flagged:', report.to_disable() or 'none', '| thresholds:', {k: round(v, 2) if isinstance(v, float) else v for k, v in report.thresholds.items()})\n"
         "report.experts.sort_values('max_output', ascending=False).head(6)"
     ),
     new_markdown_cell(

@@ -319,13 +319,14 @@ def test_top_experts_become_intervention_specs(planted_domains, marker_store):
 
     store, *_ = planted_domains
     table = analysis.ftri_scores(store, "domain", "a", permutations=0)
-    disabled = analysis.ftri_spec(table, 1, kind="disable").to_dict()
+    disabled = analysis.ftri_spec(table, 1, kind="reroute").to_dict()
     forced = analysis.ftri_spec(table, 3, kind="force").to_dict()
-    assert "5" in json.dumps(disabled) and disabled != forced
+    assert disabled == disable({2: [5]}).to_dict() and disabled != forced
     npmi_table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=5)
     spec = analysis.npmi_spec(npmi_table, 1, factor=64.0, renormalize=True)
     assert spec.to_dict() == reweight({1: [3]}, 64.0, renormalize=True).to_dict()
-    assert analysis.ftri_spec(table, 1).to_dict() == disable({2: [5]}).to_dict()
+    # the default is MoTE's switch-off: zero weight, renormalise the rest, no refill
+    assert analysis.ftri_spec(table, 1).to_dict() == disable({2: [5]}, mode="drop", renormalize=True).to_dict()
     with pytest.raises(ValueError, match="kind must be one of"):
         analysis.ftri_spec(table, 1, kind="boost")
 

@@ -189,6 +189,21 @@ def test_rank_2_routes_to_the_second_best_with_weight_one(routed):
     assert torch.equal(indices[:, 0], second) and (weights == 1).all()
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_rank_weight_carries_the_routed_scaling_factor(family):
+    """SCMoE's weak expert on the family's scale: what the experts receive is routed_scaling_factor."""
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    _, seen = _run(model, batch, rank(2))
+    scale = model.config.routed_scaling_factor
+    assert scale != 1.0
+    for indices, weights in seen.values():
+        assert indices.shape[1] >= 1
+        filled = weights[weights != 0]
+        assert len(filled) == len(weights)  # one expert per token, weight `scale`
+        torch.testing.assert_close(filled, torch.full_like(filled, scale))
+
+
 def test_prune_keeps_only_the_given_experts(routed):
     model, _, batch = routed
     layer = moe_layers(model)[0]

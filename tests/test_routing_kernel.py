@@ -135,7 +135,7 @@ def test_matches_reference(impl: str, family: str, kind: str, num_experts: int, 
     want = route(logits, rule, correction_bias=correction_bias, controls=controls, impl="reference")
     got = route(logits, rule, correction_bias=correction_bias, controls=controls, impl=impl)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
-    assert got[0].shape == (num_tokens, num_slots(rule, controls))
+    assert got[0].shape == (num_tokens, num_slots(rule, controls, num_experts))
     _assert_same_routing(got, want)
 
 
@@ -333,6 +333,14 @@ def test_planted_rank_two_routes_to_second_best_with_weight_one(impl: str) -> No
     assert _planted(impl, rank=2, disable=_bools(5, 1)) == ([1.0], [2])
 
 
+def test_rank_weight_is_the_familys_routed_scale(impl: str) -> None:
+    """DeepSeek's top-k weights sum to routed_scaling_factor: its one weak expert gets that factor."""
+    scaled = RoutingRule(2, "sigmoid", renormalize=True, scaling=2.5)
+    weights, indices = route(PLANTED_LOGITS, scaled, controls=RoutingControls(rank=2), impl=impl)
+    assert (weights[0].tolist(), indices[0].tolist()) == ([2.5], [1])
+    assert route(PLANTED_LOGITS, scaled, impl=impl)[0].sum().item() == pytest.approx(2.5)  # the family's own scale
+
+
 @pytest.mark.parametrize(
     ("p", "kept"), [(0.4, [0]), (0.6, [0, 1]), (0.85, [0, 1, 2]), (1.0, [0, 1, 2, 3])], ids=lambda v: str(v)
 )
@@ -343,6 +351,49 @@ def test_planted_top_p_keeps_smallest_prefix_above_p(impl: str, p: float, kept: 
     weights, indices = route(logits, rule, controls=RoutingControls(top_p=p, top_p_max_k=4), impl=impl)
     assert indices[0].tolist() == kept + [4] * (4 - len(kept))  # empty slots hold the sentinel E = 4
     assert weights[0].tolist() == pytest.approx(probs[: len(kept)] + [0.0] * (4 - len(kept)))  # raw probabilities
+
+
+def test_top_p_has_no_cap_by_default(impl: str) -> None:
+    """Dynamic-MoE's top-p has no cap: on flat-ish logits over 64 experts it takes many more than
+    top-k experts, exactly the smallest prefix (in probability order) whose mass exceeds p, by numpy."""
+    import numpy as np
+
+    logits = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * 0.8
+    rule = RoutingRule(2, "softmax", renormalize=True)
+    weights, indices = route(logits, rule, controls=RoutingControls(top_p=0.9), impl=impl)
+    assert indices.shape[1] == 64  # room for every expert
+    probs = np.exp(logits.double().numpy())
+    probs /= probs.sum(axis=1, keepdims=True)
+    ordered = np.sort(probs, axis=1)[:, ::-1]
+    expected = (np.cumsum(ordered, axis=1) < 0.9).sum(axis=1) + 1  # experts before the mass reaches p, plus the one that crosses it
+    kept = (indices < 64).sum(dim=1).numpy()
+    np.testing.assert_array_equal(kept, expected)
+    assert kept.mean() > 20  # far above top-k = 2
+    capped = route(logits, rule, controls=RoutingControls(top_p=0.9, top_p_max_k=2), impl=impl)[1]
+    assert capped.shape[1] == 2 and (capped < 64).all()
+
+
+def test_top_p_weights_on_a_sigmoid_family_keep_its_scale(impl: str) -> None:
+    """DeepSeek-V3-like rule (sigmoid scores, correction bias for choice, routed scale 2.5): each
+    top-p weight is the expert's share of the sigmoid mass x 2.5, so a token's weights sum to its
+    prefix mass x 2.5 (between p x 2.5 and 2.5), the family's own scale; by numpy."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(1)
+    logits, bias = torch.randn(64, 32, generator=generator), torch.randn(32, generator=generator) * 0.1
+    rule = RoutingRule(8, "sigmoid", renormalize=True, scaling=2.5)
+    weights, indices = route(logits, rule, correction_bias=bias, controls=RoutingControls(top_p=0.9), impl=impl)
+    sig = 1 / (1 + np.exp(-logits.double().numpy()))
+    share = sig / sig.sum(axis=1, keepdims=True)
+    order = np.argsort(-(sig + bias.double().numpy()), axis=1, kind="stable")
+    for t in range(len(logits)):
+        mass = np.cumsum(share[t, order[t]])
+        n = int((mass < 0.9).sum()) + 1
+        kept = indices[t][indices[t] < 32].tolist()
+        assert kept == order[t, :n].tolist()
+        np.testing.assert_allclose(weights[t, :n].double().numpy(), 2.5 * share[t, order[t, :n]], rtol=1e-4)
+    totals = weights.sum(dim=1)
+    assert (totals >= 0.9 * 2.5 - 1e-4).all() and (totals <= 2.5 + 1e-4).all()
 
 
 def test_planted_token_mask_leaves_other_tokens_untouched(impl: str) -> None:

@@ -173,7 +173,8 @@ def test_max_outputs_equal_a_brute_force_loop_over_the_weights(family):
                         out = (_expert(layer.experts, e, row) if kind == "routed" else _shared(layer.shared, row))[0]
                         rows.append(dict(
                             layer=layer.index, expert=e, value=out.abs().max().item(), channel=out.abs().argmax().item(),
-                            text=text[t].item(), position=position[t].item(),
+                            text=text[t].item(), position=position[t].item(), call=start,
+                            slot=indices[t].tolist().index(e) if kind == "routed" else 0, token=t,
                         ))
     brute = pd.DataFrame(rows)
     best = brute.loc[brute.groupby(["layer", "expert"])["value"].idxmax()].set_index(["layer", "expert"])
@@ -189,6 +190,12 @@ def test_max_outputs_equal_a_brute_force_loop_over_the_weights(family):
     on_first = ran["first_token_max"].dropna()
     assert sorted(on_first.index) == sorted(first.index)
     np.testing.assert_allclose(on_first, first.loc[on_first.index], rtol=1e-5)
+    # the authors' output[0]: per forward call the first real row the expert processed; experts take their
+    # rows slot by slot (tokens that chose them as top-1 first), in token order within a slot
+    in_order = brute.sort_values(["layer", "expert", "call", "slot", "token"])
+    first_rows = in_order.groupby(["layer", "expert", "call"]).first().groupby(["layer", "expert"])["value"].max()
+    np.testing.assert_allclose(ran["first_row_max"], first_rows.loc[ran.index], rtol=1e-5)
+    assert (ran["first_row_max"] <= ran["max_output"]).all() and (ran["first_row_max"] < ran["max_output"]).any()
 
 
 # --- (c) a planted super expert -------------------------------------------------------------------
@@ -263,10 +270,30 @@ def test_detection_rule_thresholds_and_layer_restriction():
     table = pd.DataFrame({"layer": layers, "expert": experts, "max_output": maxima})
     table.loc[396:, "layer"] = [0, 1, 7, 2]  # 2000 sits in the last layer, outside the first 75%
     flagged, thresholds = detect_super_experts(table, num_layers=8)
-    assert thresholds["max_layer"] == 6 and thresholds["fraction_value"] == 200.0
-    assert flagged.loc[flagged["super"], "max_output"].tolist() == [400.0]  # 50 < 2000 / 10; 2000 too deep
+    # by hand, the authors' rule: kept layers 0-5 hold 300 x 1.0, 50 and 400 (and one NaN, an expert
+    # that never ran): P99.5 of those 302 maxima, numpy's linear interpolation at index 0.995 x 301 =
+    # 299.495 between the sorted values 1 and 50, = 1 + 0.495 x 49 = 25.255; max / 10 = 40; the 2000
+    # of layer 7 is not in that set
+    assert thresholds["max_layer"] == 6 and thresholds["fraction_value"] == 40.0
+    assert thresholds["percentile_value"] == pytest.approx(25.255)
+    assert flagged.loc[flagged["super"], "max_output"].tolist() == [50.0, 400.0]
+    every_layer, _ = detect_super_experts(table, num_layers=8, layer_fraction=1.0)
+    assert every_layer.loc[every_layer["super"], "max_output"].tolist() == [400.0, 2000.0]  # 50 < 2000 / 10
     loose, _ = detect_super_experts(table, num_layers=8, percentile=90, fraction_of_max=0.01, layer_fraction=1.0)
     assert loose.loc[loose["super"], "max_output"].tolist() == [50.0, 400.0, 2000.0]
+
+
+def test_the_authors_first_row_reading_is_an_option():
+    """A planted extreme on the second routed row: all rows see it, the authors' output[0] reading does not."""
+    table = pd.DataFrame({"layer": [0] * 300, "expert": range(300), "max_output": [1.0] * 300, "first_row_max": [1.0] * 300})
+    table.loc[7, "max_output"] = 500.0  # only on a later row
+    table.loc[9, ["max_output", "first_row_max"]] = 300.0  # on the first row as well
+    all_rows, _ = detect_super_experts(table, num_layers=4)
+    first_row, thresholds = detect_super_experts(table, num_layers=4, reading="first_row")
+    assert all_rows.loc[all_rows["super"], "expert"].tolist() == [7, 9]
+    assert first_row.loc[first_row["super"], "expert"].tolist() == [9] and thresholds["reading"] == "first_row"
+    with pytest.raises(ValueError, match="reading='last'"):
+        detect_super_experts(table, num_layers=4, reading="last")
 
 
 # --- (d) EASY-EP ----------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def _ftri(tables: Any, args: argparse.Namespace) -> list[Path]:
     }
     paths = _save(args.out, {"ftri": table}, plots)
     if args.spec:
-        paths.append(_write_spec(args.out, ftri.to_spec(table, args.spec, kind="disable")))
+        paths.append(_write_spec(args.out, ftri.to_spec(table, args.spec)))
     return paths
 
 

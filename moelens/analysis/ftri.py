@@ -236,15 +236,26 @@ def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
     return chosen
 
 
-def to_spec(table: pd.DataFrame, n: int, kind: str = "disable", **options: Any) -> Intervention:
-    """An intervention on the top ``n`` experts of an :func:`ftri_scores` table (in its row order).
+def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: Any) -> Intervention:
+    """An intervention on the top ``n`` experts per layer of an :func:`ftri_scores` table (in its row order).
 
-    ``kind="disable"`` gives ``moelens.interventions.disable(experts, **options)`` (options: ``mode``,
-    ``renormalize``, ``tokens``), ``kind="force"`` gives ``force(experts, **options)`` (``tokens``).
+    Kinds:
+        ``"switch_off"`` (default, MoTE's): the experts stay selected but their weight is zeroed and
+            the remaining chosen experts are renormalised to the original total; no other expert
+            takes the slot (``disable(experts, mode="drop", renormalize=True)``).
+        ``"reroute"``: the experts leave the choice and the next-best expert takes each slot
+            (``disable(experts, mode="reroute")``): a different intervention from the paper's.
+        ``"force"``: the experts are inserted into every token's selected set (``force(experts)``).
+
+    ``options`` go to the constructor (``tokens``, and for ``reroute`` nothing else).
     """
     from moelens import interventions
 
-    builders = {"disable": interventions.disable, "force": interventions.force}
+    builders = {
+        "switch_off": lambda experts, **o: interventions.disable(experts, mode="drop", renormalize=True, **o),
+        "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
+        "force": interventions.force,
+    }
     if kind not in builders:
         raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
     return builders[kind](top_experts(table, n), **options)

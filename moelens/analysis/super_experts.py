@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.analysis._profiling_experts import TokenBatch, profiling_experts, token_batches
 from moelens.hooks.adapters import MoeLayer, moe_layers
@@ -43,6 +43,9 @@ class SuperExpertReport:
             ``tokens`` (real tokens it processed), ``max_output`` (max |down_proj output| before the
             routing weight; NaN if it never ran), ``channel``, ``text``, ``position`` (where the max
             occurs), ``first_token_max`` (the max over first tokens only; NaN if never routed there),
+            ``first_row_max`` (the authors' reading: per forward call only the first real row the
+            expert processed, i.e. their hook's ``output[0]``; experts take their rows slot by slot,
+            tokens that chose them as top-1 first, token order within a slot; the max over calls),
             ``super`` (bool).
         massive: the ``top_n`` largest residual-stream magnitudes (decoder layer outputs) per layer.
             Columns: ``layer``, ``rank`` (1 = largest), ``value`` (signed), ``magnitude``, ``text``,
@@ -59,7 +62,7 @@ class SuperExpertReport:
     experts: pd.DataFrame
     massive: pd.DataFrame
     sinks: pd.DataFrame
-    thresholds: dict[str, float]
+    thresholds: dict[str, Any]
 
     @property
     def super_experts(self) -> pd.DataFrame:
@@ -86,13 +89,14 @@ def profile_super_experts(
     layer_fraction: float = 0.75,
     massive_abs: float = 100.0,
     massive_ratio: float = 1000.0,
+    reading: Literal["all_rows", "first_row"] = "all_rows",
 ) -> SuperExpertReport:
     """Profile ``texts`` through ``model`` (one forward per batch, no gradients) and detect super experts.
 
     Experts are profiled through the moelens experts implementation (outputs bitwise those of
     eager experts); with ``sinks`` the attention runs eagerly so that weights can be read. Both
     are switched back on return. Detection: see :func:`detect_super_experts` (``percentile``,
-    ``fraction_of_max``, ``layer_fraction``); massive activations: ``massive_abs``, ``massive_ratio``.
+    ``fraction_of_max``, ``layer_fraction``, ``reading``); massive activations: ``massive_abs``, ``massive_ratio``.
     """
     layers = moe_layers(model)
     run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers, experts=True,
@@ -100,7 +104,7 @@ def profile_super_experts(
     num_layers = len(_decoder_layers(model, layers))
     experts, thresholds = detect_super_experts(
         run.experts, num_layers=num_layers, percentile=percentile, fraction_of_max=fraction_of_max,
-        layer_fraction=layer_fraction,
+        layer_fraction=layer_fraction, reading=reading,
     )
     massive = run.massive.assign(massive=lambda d: (d["magnitude"] > massive_abs) & (d["ratio"] > massive_ratio))
     thresholds.update(massive_abs=massive_abs, massive_ratio=massive_ratio)
@@ -114,29 +118,44 @@ def detect_super_experts(
     percentile: float = 99.5,
     fraction_of_max: float = 0.1,
     layer_fraction: float = 0.75,
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Flag experts with ``max_output`` above the ``percentile`` of all experts' maxima AND above
-    ``fraction_of_max`` x the overall maximum, in layers < round(``layer_fraction`` x ``num_layers``).
+    reading: Literal["all_rows", "first_row"] = "all_rows",
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Flag super experts, as the authors' code does.
 
-    The percentile and maximum are over every expert that ran (routed and shared, all layers); the
-    layer restriction keeps the experts that feed massive activations before they form. With fewer
-    than 200 experts the percentile lies between the two largest maxima, so the rule reduces to
-    "the largest, if in an eligible layer, plus any expert above the fraction". Returns ``experts``
-    with a ``super`` column, and the thresholds used.
+    Kept layers: l < round(``layer_fraction`` x ``num_layers``) (where massive activations form).
+    A = the maxima a(l, e) of every expert of the kept layers that ran (routed and shared; dense
+    MLPs are not in ``experts``). Super expert iff a > P_percentile(A) and a > ``fraction_of_max``
+    x max(A). Both thresholds come from the kept layers only: computed over all layers, one large
+    outlier in a late layer would hide the real super experts.
+
+    ``reading`` picks a(l, e): ``"all_rows"`` (default) the max over every routed token
+    (``max_output``); ``"first_row"`` the authors' hook, which read ``output[0]``, the first routed
+    token's row of each forward call only (``first_row_max``): use it to reproduce their tables;
+    it misses extremes on any other token. With fewer than 200 kept experts the percentile lies
+    between the two largest maxima. Returns ``experts`` with a ``super`` column, and the
+    thresholds used.
     """
     import numpy as np
 
-    maxima = experts["max_output"].dropna().to_numpy()
+    column = {"all_rows": "max_output", "first_row": "first_row_max"}.get(reading)
+    if column is None:
+        raise ValueError(f"reading={reading!r}: use 'all_rows' or 'first_row'")
+    max_layer = round(layer_fraction * num_layers)
+    kept = experts["layer"] < max_layer
+    maxima = experts.loc[kept, column].dropna().to_numpy()
     if maxima.size == 0:
-        raise ValueError("no expert processed any token: nothing to detect (were the texts empty?)")
+        raise ValueError(
+            f"no expert of the kept layers (< {max_layer}) processed any token: nothing to detect "
+            "(were the texts empty, or is layer_fraction too small?)"
+        )
     percentile_value = float(np.percentile(maxima, percentile))
     fraction_value = float(fraction_of_max * maxima.max())
-    max_layer = round(layer_fraction * num_layers)
-    flagged = (experts["max_output"] > max(percentile_value, fraction_value)) & (experts["layer"] < max_layer)
+    threshold = max(percentile_value, fraction_value)
+    flagged = kept & (experts[column] > threshold)
     thresholds = dict(
         percentile=percentile, fraction_of_max=fraction_of_max, layer_fraction=layer_fraction,
         percentile_value=percentile_value, fraction_value=fraction_value,
-        threshold=max(percentile_value, fraction_value), max_layer=float(max_layer),
+        threshold=threshold, max_layer=float(max_layer), reading=reading,
     )
     return experts.assign(super=flagged.to_numpy()), thresholds
 
@@ -326,6 +345,7 @@ class _MaxOutputs:
         self.batch: TokenBatch | None = None
         self.value = torch.full((slots,), -1.0, device=device)  # -1: no real token seen yet
         self.first = torch.full((slots,), -1.0, device=device)
+        self.first_row = torch.full((slots,), -1.0, device=device)  # the authors' output[0] reading
         self.where = torch.zeros(slots, 3, dtype=torch.long, device=device)  # text, position, channel
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
 
@@ -357,12 +377,15 @@ class _MaxOutputs:
         self.tokens[slot] += valid.sum()
         first = batch.position[tokens] == 0
         self.first[slot] = torch.maximum(self.first[slot], row_max.masked_fill(~first, -1.0).max())
+        # the first real row routed to the expert in this forward call (row_max is -1 when there is none)
+        self.first_row[slot] = torch.maximum(self.first_row[slot], row_max[valid.long().argmax()])
 
     def frame(self, layer: MoeLayer) -> pd.DataFrame:
         import numpy as np
         import pandas as pd
 
         value, first = self.value.cpu().double().numpy(), self.first.cpu().double().numpy()
+        first_row = self.first_row.cpu().double().numpy()
         where = self.where.cpu().numpy()
         slots = len(value)
         return pd.DataFrame({
@@ -375,6 +398,7 @@ class _MaxOutputs:
             "text": where[:, 0],
             "position": where[:, 1],
             "first_token_max": np.where(first >= 0, first, np.nan),
+            "first_row_max": np.where(first_row >= 0, first_row, np.nan),
         })
 
 

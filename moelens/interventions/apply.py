@@ -1,11 +1,13 @@
 """Apply an intervention spec to a live model: ``with intervene(model, spec): ...``.
 
 Binding checks the spec against the model (layers, experts, top-k) and compiles each MoE layer's
-parts into the per-layer vectors of :class:`moelens.kernels.routing.RoutingControls`. Applying
-registers one forward hook per affected router (prepended, so any tracer sees the routing the
-model actually used) that re-routes from the router's own logits through
-:func:`moelens.kernels.routing.route`. No parameter or module is modified: leaving the block
-removes the hooks, and the model is bitwise what it was, also when the body raised.
+parts into the per-layer vectors of :class:`moelens.kernels.routing.RoutingControls`. Each model
+has one intervention session: whatever the number of nested ``intervene`` blocks, it binds the
+union of the active specs and registers ONE forward hook per affected router (prepended, so any
+tracer sees the routing the model actually used) that re-routes from the router's own logits
+through :func:`moelens.kernels.routing.route`. A hook that re-routed on its own would discard what
+an outer block's hook did. No parameter or module is modified: leaving the last block removes the
+hooks, and the model is bitwise what it was, also when the body raised.
 """
 
 from __future__ import annotations
@@ -38,23 +40,37 @@ if TYPE_CHECKING:
 
     from moelens.kernels.routing import RoutingControls, RoutingRule
 
-_ACTIVE: weakref.WeakKeyDictionary[Any, list[Intervention]] = weakref.WeakKeyDictionary()
-
-
 def active_intervention(model: nn.Module) -> Intervention | None:
     """The combination of interventions currently applied to ``model`` (``None`` if none)."""
-    stack = _ACTIVE.get(model)
-    if not stack:
+    session = _SESSIONS.get(model)
+    if session is None or not session.entries:
         return None
     combined = Intervention()
-    for spec in stack:
-        combined = combined + spec
+    for entry in session.entries:
+        combined = combined + entry.spec
     return combined
 
 
+Rows = tuple[int, "int | None"]  # a batch-row range [start, stop), stop None = to the end
+
+
 @dataclass(frozen=True)
-class _ScopedControls:
+class _Group:
+    """The parts of the active specs that cover the same tokens: one token scope, one row range."""
+
     scope: TokenScope
+    rows: Rows | None
+
+    @property
+    def universal(self) -> bool:
+        return self.scope == "all" and self.rows is None
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """The controls of the tokens that lie in exactly the groups ``members`` (indices into the plan's groups)."""
+
+    members: tuple[int, ...]
     controls: RoutingControls
 
 
@@ -63,37 +79,104 @@ class _LayerPlan:
     layer: MoeLayer
     rule: RoutingRule
     correction_bias: torch.Tensor | None
-    scoped: tuple[_ScopedControls, ...]  # one entry per distinct token scope among the layer's parts
+    groups: tuple[_Group, ...]
+    variants: tuple[_Variant, ...]  # one per combination of groups a token can be in
+
+    @property
+    def needs_steps(self) -> bool:
+        return not all(group.universal for group in self.groups)
 
 
-def bind(model: nn.Module, spec: Intervention) -> list[_LayerPlan]:
+@dataclass(frozen=True)
+class _Entry:
+    """One active ``intervene`` block."""
+
+    spec: Intervention
+    rows: Rows | None
+
+
+def bind(model: nn.Module, spec: Intervention, *, rows: slice | None = None) -> list[_LayerPlan]:
     """Check ``spec`` against ``model`` and compile it per MoE layer (raises :class:`SpecError`)."""
+    return _bind(model, [_Entry(spec, _rows(rows))])
+
+
+def _rows(rows: slice | None) -> Rows | None:
+    if rows is None:
+        return None
+    if rows.step not in (None, 1) or (rows.start or 0) < 0 or (rows.stop is not None and rows.stop < 0):
+        raise SpecError(f"rows={rows}: use a contiguous slice of batch rows with non-negative bounds, e.g. slice(4, 8)")
+    return (rows.start or 0, rows.stop)
+
+
+def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
+    """Compile the union of ``entries`` per MoE layer.
+
+    Parts are grouped by the tokens they cover (token scope x row range). A token in several
+    groups gets every part of all of them, compiled together: stacking blocks acts exactly like
+    adding their specs. Every combination of groups that tokens can share is compiled here, so a
+    conflict (two top-p values for the same tokens) is a :class:`SpecError` before anything runs.
+    """
     adapter = adapter_for(model)
     layers = {layer.index: layer for layer in moe_layers(model)}
     num_layers = len(decoder_stack(model).layers)
-    for part in spec.parts:
-        for index in part.layers() or ():
-            if index not in layers:
-                where = "is dense (no router)" if 0 <= index < num_layers else f"is out of range: the model has layers 0-{num_layers - 1}"
-                raise SpecError(f"{part.kind}: layer {index} {where}; MoE layers are {sorted(layers)}")
+    for entry in entries:
+        for part in entry.spec.parts:
+            for index in part.layers() or ():
+                if index not in layers:
+                    where = "is dense (no router)" if 0 <= index < num_layers else f"is out of range: the model has layers 0-{num_layers - 1}"
+                    raise SpecError(f"{part.kind}: layer {index} {where}; MoE layers are {sorted(layers)}")
     plans = []
     for index, layer in layers.items():
-        parts = [p for p in spec.parts if p.layers() is None or index in p.layers()]
-        if not parts:
+        grouped: dict[_Group, list[Part]] = {}
+        for entry in entries:
+            for part in entry.spec.parts:
+                if part.layers() is None or index in part.layers():
+                    grouped.setdefault(_Group(part.tokens, entry.rows), []).append(part)
+        if not grouped:
             continue
         # only a spec that changes routing needs the rule: tracing families without one stays possible
         rule = adapter.routing_rule(model.config)  # raises for families whose routing the kernel cannot reproduce
-        scopes = list(dict.fromkeys(p.tokens for p in parts))
+        groups = tuple(grouped)
+        variants = tuple(
+            _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
+            for members in _combinations(groups)
+        )
         bias_attr = adapter.correction_bias_attr
         plans.append(
             _LayerPlan(
                 layer=layer,
                 rule=rule,
                 correction_bias=getattr(layer.router, bias_attr) if bias_attr else None,
-                scoped=tuple(_ScopedControls(s, _compile(layer, rule, [p for p in parts if p.tokens == s])) for s in scopes),
+                groups=groups,
+                variants=variants,
             )
         )
     return plans
+
+
+def _combinations(groups: tuple[_Group, ...]) -> list[tuple[int, ...]]:
+    """The sets of groups one token can lie in at once (non-empty; universal groups always in)."""
+    from itertools import combinations
+
+    universal = {i for i, g in enumerate(groups) if g.universal}
+    out = []
+    for size in range(1, len(groups) + 1):
+        for members in combinations(range(len(groups)), size):
+            chosen = [groups[i] for i in members]
+            if not universal <= set(members):
+                continue
+            if {"prompt", "generated"} <= {g.scope for g in chosen}:
+                continue  # a token is either a prompt token or a generated one
+            if not _rows_overlap([g.rows for g in chosen if g.rows is not None]):
+                continue
+            out.append(members)
+    return out
+
+
+def _rows_overlap(ranges: list[Rows]) -> bool:
+    start = max((first for first, _ in ranges), default=0)
+    stops = [stop for _, stop in ranges if stop is not None]
+    return not stops or start < min(stops)
 
 
 def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingControls:
@@ -119,7 +202,7 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
 
     def setting(name: str, value: Any, part: Part) -> None:
         if settings.setdefault(name, value) != value:
-            raise SpecError(f"{part.kind}: layer {index} gets two different values for {name} ({settings[name]!r} and {value!r}) in one token scope")
+            raise SpecError(f"{part.kind}: layer {index} gets two different values for {name} ({settings[name]!r} and {value!r}) for the same tokens")
 
     for part in parts:
         if isinstance(part, Disable):
@@ -169,28 +252,29 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
     )
 
 
-def _scope_mask(scope: TokenScope, tokens: StepTokens, rows: slice | None) -> torch.Tensor | None:
-    """[B*S] bool of the tokens a scope covers in this step; ``None`` = every token."""
+def _group_mask(group: _Group, tokens: StepTokens) -> torch.Tensor:
+    """[B*S] bool: the tokens of this step that the group covers."""
     import torch
 
     batch, new = tokens.real.shape
-    if scope == "all":
-        mask = None
-    elif scope == "prompt":
-        mask = torch.full((batch, new), not tokens.generated, device=tokens.real.device)
-    elif scope == "generated":
-        mask = torch.full((batch, new), tokens.generated, device=tokens.real.device)
+    device = tokens.real.device
+    if group.scope == "all":
+        mask = torch.ones(batch, new, dtype=torch.bool, device=device)
+    elif group.scope == "prompt":
+        mask = torch.full((batch, new), not tokens.generated, device=device)
+    elif group.scope == "generated":
+        mask = torch.full((batch, new), tokens.generated, device=device)
     else:
-        mask = torch.isin(tokens.positions, torch.tensor(scope, device=tokens.positions.device))
-    if rows is not None:
-        row_mask = torch.zeros(batch, 1, dtype=torch.bool, device=tokens.real.device)
-        row_mask[rows] = True
-        mask = row_mask.expand(batch, new) if mask is None else mask & row_mask
-    return None if mask is None else mask.reshape(-1)
+        mask = torch.isin(tokens.positions, torch.tensor(group.scope, device=tokens.positions.device))
+    if group.rows is not None:
+        row_mask = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+        row_mask[slice(*group.rows)] = True
+        mask = mask & row_mask
+    return mask.reshape(-1)
 
 
-def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route ``logits`` [T, E] under the plan; tokens outside every scope route as the family does."""
+def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route ``logits`` [T, E] under the plan; tokens outside every group route as the family does."""
     import dataclasses
 
     import torch
@@ -198,22 +282,25 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None, ro
     from moelens.kernels.routing import route
 
     logits = logits.float()
-    if len(plan.scoped) == 1 and plan.scoped[0].scope == "all" and rows is None:
-        return route(logits, plan.rule, correction_bias=plan.correction_bias, controls=plan.scoped[0].controls)
-    assert step is not None, "token-scoped interventions need the step bookkeeping hook"
+    if not plan.needs_steps:  # one universal group: the same controls for every token
+        (variant,) = plan.variants
+        return route(logits, plan.rule, correction_bias=plan.correction_bias, controls=variant.controls)
+    assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
+    in_group = torch.stack([_group_mask(group, step) for group in plan.groups])  # [G, T]
     weights = indices = None
-    for scoped in plan.scoped:
-        mask = _scope_mask(scoped.scope, step, rows)
-        controls = dataclasses.replace(scoped.controls, token_mask=mask)
+    for variant in plan.variants:
+        members = torch.zeros(len(plan.groups), dtype=torch.bool, device=in_group.device)
+        members[list(variant.members)] = True
+        mask = (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
+        controls = dataclasses.replace(variant.controls, token_mask=mask)
         w, i = route(logits, plan.rule, correction_bias=plan.correction_bias, controls=controls)
-        if weights is None:
+        if weights is None:  # tokens outside the mask are routed as the family does
             weights, indices = w, i
             continue
         width = max(weights.shape[-1], w.shape[-1])
         weights, indices = _pad_slots(weights, indices, width, plan.layer.num_experts)
         w, i = _pad_slots(w, i, width, plan.layer.num_experts)
-        chosen = mask[:, None] if mask is not None else torch.ones_like(i, dtype=torch.bool)
-        weights, indices = torch.where(chosen, w, weights), torch.where(chosen, i, indices)
+        weights, indices = torch.where(mask[:, None], w, weights), torch.where(mask[:, None], i, indices)
     assert weights is not None and indices is not None
     return weights, indices
 
@@ -226,6 +313,50 @@ def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_exp
     return F.pad(weights, (0, extra), value=0.0), F.pad(indices, (0, extra), value=num_experts)
 
 
+class _Session:
+    """The interventions active on one model: one router hook per affected router, whatever the
+    number of nested ``intervene`` blocks. Each block entering or leaving rebinds the union of the
+    active specs and swaps the hooks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.entries: list[_Entry] = []
+        self._handles: list[Any] = []
+        self._step: dict[str, StepTokens | None] = {"step": None}
+
+    def push(self, entry: _Entry) -> None:
+        plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
+        self.entries.append(entry)
+        self._install(plans)
+
+    def pop(self, entry: _Entry) -> None:
+        self.entries = [e for e in self.entries if e is not entry]
+        self._install(_bind(self.model, self.entries) if self.entries else [])
+
+    def _install(self, plans: list[_LayerPlan]) -> None:
+        self._remove_hooks()
+        try:
+            if any(plan.needs_steps for plan in plans):
+                def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                    self._step["step"] = StepTokens.from_call(args, kwargs)
+
+                self._handles.append(decoder_stack(self.model).register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
+            for plan in plans:
+                # prepended: a tracer's hook on the same router sees the routing the model used
+                self._handles.append(plan.layer.router.register_forward_hook(_router_hook(plan, self._step), prepend=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+
+_SESSIONS: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None) -> Iterator[Intervention]:
     """Apply ``spec`` to ``model`` inside the ``with`` block.
@@ -235,37 +366,28 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
         spec: an :class:`Intervention` (``disable(...) + reweight(...)`` ...); an empty
             ``Intervention()`` changes nothing and registers no hook.
         rows: restrict the intervention to these batch rows (e.g. ``slice(4, 8)``: one batch can
-            hold the baseline and the steered copies of the same prompts).
+            hold the baseline and the steered copies of the same prompts); a slice with step 1.
 
-    Raises :class:`SpecError` before touching the model if the spec does not fit it.
+    Nested blocks compose: inside ``with intervene(m, a): with intervene(m, b):`` every token gets
+    exactly what ``a + b`` gives it (on the rows each block covers), in either nesting order.
+    Raises :class:`SpecError` before touching the model if the spec does not fit it or conflicts
+    with an active block (two top-p values for the same tokens).
     """
-    plans = bind(model, spec)
-    # an empty spec (or one touching no layer) registers nothing: callers may pass Intervention()
-    needs_steps = bool(plans) and (rows is not None or any(s.scope != "all" for plan in plans for s in plan.scoped))
-    current: dict[str, StepTokens | None] = {"step": None}
-    handles = []
+    entry = _Entry(spec, _rows(rows))
+    session = _SESSIONS.get(model)
+    if session is None:
+        session = _SESSIONS[model] = _Session(model)
+    session.push(entry)
     try:
-        if needs_steps:
-            def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                current["step"] = StepTokens.from_call(args, kwargs)
-
-            handles.append(decoder_stack(model).register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
-        for plan in plans:
-            handles.append(plan.layer.router.register_forward_hook(_router_hook(plan, current, rows), prepend=True))
-        _ACTIVE.setdefault(model, []).append(spec)
         yield spec
     finally:
-        for handle in handles:
-            handle.remove()
-        stack = _ACTIVE.get(model)
-        if stack and spec in stack:
-            stack.remove(spec)
+        session.pop(entry)
 
 
-def _router_hook(plan: _LayerPlan, current: dict[str, StepTokens | None], rows: slice | None) -> Callable[..., Any]:
+def _router_hook(plan: _LayerPlan, current: dict[str, StepTokens | None]) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         logits, weights = output[0], output[1]
-        new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"], rows), plan.layer.num_experts)
+        new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
         return (logits, new_weights.to(weights.dtype), new_indices, *output[3:])
 
     return hook

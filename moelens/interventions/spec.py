@@ -123,7 +123,10 @@ class LogitBias(Part):
 
 @dataclass(frozen=True)
 class TopP(Part):
-    """Dynamic routing: the smallest prefix of experts whose probability mass exceeds ``p``."""
+    """Dynamic routing (Dynamic-MoE): per token, the smallest prefix of experts (by choice score)
+    whose probability mass exceeds ``p``. ``max_k`` caps the prefix; ``None`` (default) is no cap,
+    as in the paper (a cap at the family's top-k would remove the method's point). ``renormalize``
+    False keeps the raw probabilities as weights (the paper's)."""
 
     kind: ClassVar[str] = "top_p"
     p: float = 0.4
@@ -137,7 +140,12 @@ class TopP(Part):
 
 @dataclass(frozen=True)
 class Rank(Part):
-    """Route every token to only its rank-``rank`` expert with weight 1 (SCMoE's weak activation)."""
+    """Route every token to only its rank-``rank`` expert (SCMoE's weak activation).
+
+    Its weight is the family's routed scale: 1.0, or ``routed_scaling_factor`` for DeepSeek-V2/V3,
+    whose top-k weights sum to that factor; a weight of 1.0 there would shrink the weak pass's
+    routed output to 1/16 or 1/2.5 of the family's scale. Rank r counts in the family's choice
+    order (the bias-corrected score on DeepSeek-V3), the order in which it picks its top-k."""
 
     kind: ClassVar[str] = "rank"
     rank: int = 2

@@ -1,0 +1,163 @@
+"""Nested ``intervene`` blocks act exactly like the combined spec, in either nesting order, with
+row-scoped blocks, token-scoped parts and ``generate_contrast(strong=...)``.
+
+Ground truths: what each layer's experts module received (hooks written here), rows traced one
+prompt at a time, and a two-pass SCMoE written out by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moelens
+from moelens.hooks.adapters import moe_layers
+from moelens.interventions import Intervention, SpecError, active_intervention, disable, intervene, rank, reweight, top_p
+from moelens.interventions.contrast import generate_contrast
+from tests.conftest import PROMPTS
+from tests.test_interventions import KERNEL_FAMILIES, _by_expert, _expert_inputs
+
+
+def _received(model, batch, *specs):
+    """(indices, weights) [T, k] each MoE layer's experts received under ``specs`` nested in order."""
+    seen, handles = _expert_inputs(model)
+    try:
+        with torch.no_grad():
+            blocks = [intervene(model, spec) for spec in specs]
+            for block in blocks:
+                block.__enter__()
+            try:
+                model(**batch)
+            finally:
+                for block in reversed(blocks):
+                    block.__exit__(None, None, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: _by_expert(indices, weights) for layer, (indices, weights) in seen.items()}
+
+
+def _two_experts(model, batch):
+    """Layer, the expert most often chosen there (to disable) and the second (to reweight)."""
+    layer = moe_layers(model)[0]
+    indices, _ = _received(model, batch)[layer.index]
+    busiest = torch.bincount(indices.flatten(), minlength=layer.num_experts).argsort(descending=True)
+    return layer.index, int(busiest[0]), int(busiest[1])
+
+
+@pytest.mark.parametrize("family", KERNEL_FAMILIES)
+def test_nested_blocks_equal_the_combined_spec_in_both_orders(family):
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    layer, e, f = _two_experts(model, batch)
+    off, boost = disable({layer: [e]}), reweight({layer: [f]}, 2.0)
+    combined = _received(model, batch, off + boost)
+    plain_f = _received(model, batch, off)[layer]
+    # the combined spec itself, by hand: e is never chosen; f weighs twice what it weighs without the boost
+    indices, weights = combined[layer]
+    assert not (indices == e).any() and (indices == f).any()
+    torch.testing.assert_close(weights[indices == f], 2 * plain_f[1][plain_f[0] == f])
+    for order in ((off, boost), (boost, off)):
+        nested = _received(model, batch, *order)
+        assert nested.keys() == combined.keys()
+        for index, (got_indices, got_weights) in nested.items():
+            assert torch.equal(got_indices, combined[index][0]), (order, index)
+            torch.testing.assert_close(got_weights, combined[index][1])
+
+
+def test_active_intervention_and_hooks_follow_the_blocks():
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    layer = moe_layers(model)[0]
+    hooks = lambda: len(layer.router._forward_hooks)  # noqa: E731
+    before = hooks()
+    a, b = disable({layer.index: [0]}), reweight({layer.index: [1]}, 3.0)
+    with intervene(model, a):
+        with intervene(model, b):
+            assert active_intervention(model) == a + b
+            assert hooks() == before + 1  # one hook per router, whatever the nesting depth
+        assert active_intervention(model) == a and hooks() == before + 1
+    assert active_intervention(model) is None and hooks() == before
+
+
+def test_a_conflicting_inner_block_is_refused_and_the_outer_one_stays():
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    outer = top_p(0.5)
+    expected = _received(model, batch, outer)
+    with intervene(model, outer):
+        with pytest.raises(SpecError, match="two different values for top_p"):
+            with intervene(model, top_p(0.9)):
+                pass
+        assert active_intervention(model) == outer
+    assert _received(model, batch, outer).keys() == expected.keys()
+
+
+def test_prompt_and_generated_parts_never_conflict():
+    model, _ = moelens.load("tiny:qwen3_moe")
+    with intervene(model, top_p(0.5, tokens="prompt")), intervene(model, top_p(0.9, tokens="generated")):
+        pass  # a token is either a prompt token or a generated one
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_a_row_scoped_block_inside_an_all_rows_block(family):
+    """Rows of one batch: row 0 gets both specs, row 1 only the outer one (checked one prompt at a time)."""
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    one = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    two = {name: tensor.repeat(2, 1) for name, tensor in one.items()}
+    layer, e, f = _two_experts(model, one)
+    outer, inner = reweight({layer: [f]}, 2.0), disable({layer: [e]})
+    seen, handles = _expert_inputs(model)
+    try:
+        with torch.no_grad(), intervene(model, outer), intervene(model, inner, rows=slice(0, 1)):
+            model(**two)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = one["input_ids"].shape[1]
+    indices, weights = _by_expert(*seen[layer])
+    for row, alone in ((0, _received(model, one, outer + inner)), (1, _received(model, one, outer))):
+        assert torch.equal(indices[row * tokens : (row + 1) * tokens], alone[layer][0]), row
+        torch.testing.assert_close(weights[row * tokens : (row + 1) * tokens], alone[layer][1])
+
+
+def test_a_token_in_two_scopes_gets_both_parts():
+    """disable(all) + reweight(generated): generated tokens get both, not only the reweight."""
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    layer, e, f = _two_experts(model, batch)
+    spec = disable({layer: [e]}) + reweight({layer: [f]}, 2.0, tokens="generated")
+    with torch.no_grad(), intervene(model, spec), moelens.trace(model, end_token_ids=()) as tracer:
+        model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    routes = tracer.routes.merge(tracer.tokens, on=["prompt_id", "position"]).query("layer == @layer")
+    assert routes["generated"].any() and (~routes["generated"]).any()
+    assert not (routes["expert"] == e).any()
+
+
+def _two_pass_contrast(model, tokenizer, prompt, *, strong, weak, beta, alpha, steps):
+    """Textbook SCMoE: two separate full forwards per step, no cache, one prompt at a time."""
+    ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
+    for _ in range(steps):
+        with torch.no_grad():
+            with intervene(model, strong):
+                strong_logits = model(input_ids=ids).logits[0, -1].float()
+            with intervene(model, weak):
+                weak_logits = model(input_ids=ids).logits[0, -1].float()
+        score = (1 + beta) * strong_logits - beta * weak_logits
+        score[strong_logits < strong_logits.max() + math.log(alpha)] = -math.inf
+        ids = torch.cat([ids, score.argmax().view(1, 1)], dim=1)
+    return ids[0, -steps:]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_generate_contrast_applies_the_strong_spec(family):
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    strong = rank(3)  # a drastic strong routing: each token's third-best expert only
+    got = generate_contrast(model, tokenizer, PROMPTS[2:3], strong=strong, max_new_tokens=5).new_tokens[0].tolist()
+    expected = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=strong, weak=rank(2), beta=0.5, alpha=0.1, steps=5).tolist()
+    ignored = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=Intervention(), weak=rank(2), beta=0.5, alpha=0.1, steps=5).tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+    assert got[: len(expected)] == expected
+    assert expected != ignored[: len(expected)], "the strong spec must change this generation for the test to mean anything"
