@@ -151,7 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=float, default=1e8, help="routing events in the synthetic store")
     parser.add_argument("--pandas-events", type=float, default=5e6, help="events of the pandas subsample")
-    parser.add_argument("--permutations", type=int, default=1000, help="fTRI permutation test size (timed separately)")
+    parser.add_argument("--permutations", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="fTRI permutation budget, a number or auto (timed separately)")
     parser.add_argument("--keep", type=Path, help="write the store here and keep it (default: a temporary directory)")
     args = parser.parse_args()
 

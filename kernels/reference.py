@@ -81,7 +81,8 @@ def _route_all_tokens(
         normalized = eligible_scores / eligible_scores.sum(dim=-1, keepdim=True)
         mass = _gather(normalized, indices, 0.0).cumsum(dim=-1)
         mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
-        indices = indices.masked_fill(mass_before > c.top_p, num_experts)  # keep up to the first crossing of p
+        # keep up to the first crossing of p; p = 1 keeps every slot (a float sum may pass 1 by rounding)
+        indices = indices.masked_fill((mass_before > c.top_p) & (c.top_p < 1.0), num_experts)
     elif len(forced_ids):
         order = forced_order_key[:, forced_ids].argsort(dim=-1, descending=True, stable=True)
         indices = torch.cat([indices, forced_ids[order]], dim=-1)  # forced experts take the last slots

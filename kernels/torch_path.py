@@ -223,7 +223,7 @@ def _beyond_top_p(
     picked = scores.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, 0.0)
     mass = (picked / eligible_mass).cumsum(dim=-1)
     mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
-    return mass_before > p, eligible_mass
+    return (mass_before > p) & (p < 1.0), eligible_mass  # p = 1 keeps every slot, whatever the rounding
 
 
 def _reweigh(weights: Tensor, indices: Tensor, c: RoutingControls, prep: _Prepared) -> Tensor:

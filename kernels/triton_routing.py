@@ -134,7 +134,7 @@ def _routing_kernel(
         taken = taken | hit
         valid = (pick < BLOCK_E) & (j < n_slots)
         if MODE == MODE_TOP_P:
-            valid = valid & (~on | (mass_before <= top_p))
+            valid = valid & (~on | (mass_before <= top_p) | (top_p >= 1.0))  # p = 1: every slot, whatever the rounding
             mass_before += tl.sum(tl.where(hit, scores, 0.0), axis=1) / eligible_mass
         if SELECT_BEFORE_SCORE:
             value = tl.sum(tl.where(hit, x, 0.0), axis=1)

@@ -251,7 +251,7 @@ def _collect_locked(
         from moelens.interventions.apply import bind
 
         bind(model, intervention)  # a spec that does not fit the model fails before anything is written
-    manifest = _manifest(model, model_name, records, prompts_path, options, intervention)
+    manifest = _manifest(model, tokenizer, model_name, records, prompts_path, options, intervention)
     if rank == 0:
         if options.resume and (out / store.MANIFEST).exists():
             _check_resume(out, manifest)
@@ -279,7 +279,7 @@ def _collect_locked(
     return store.read_trace(out)
 
 
-def _manifest(model: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:
+def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:
     import hashlib
 
     import transformers
@@ -305,6 +305,7 @@ def _manifest(model: Any, model_name: str, records: list[dict[str, Any]], prompt
         transformers_version=transformers.__version__,
         collection=collection,
         intervention=intervention.to_dict() if intervention is not None else None,
+        special_token_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ())),
     )
 
 

@@ -41,7 +41,7 @@ def _domain_experts(store: Any, domains: list[str], out: Path) -> dict[str, dict
 
     chosen = {}
     for domain in domains:
-        table = analysis.ftri_scores(store, tag="domain", target=domain, permutations=500)
+        table = analysis.ftri_scores(store, tag="domain", target=domain)
         table.to_csv(out / f"ftri_{domain}.csv", index=False)
         analysis.write_html(analysis.heatmap(table, "difference"), out / f"ftri_{domain}.html")
         top = table.sort_values("difference", ascending=False).groupby("layer").head(EXPERTS_PER_LAYER)

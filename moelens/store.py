@@ -120,6 +120,7 @@ class Manifest:
     transformers_version: str
     collection: dict[str, Any] = field(default_factory=dict)
     intervention: dict[str, Any] | None = None
+    special_token_ids: list[int] = field(default_factory=list)  # the tokenizer's special tokens (analyses exclude them)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = SCHEMA_VERSION
     shards: list[str] = field(default_factory=list)

@@ -77,6 +77,7 @@ class Tracer(TraceTables):
         self._end_token_ids = _end_token_ids(model, tokenizer, end_token_ids)
         self._layout = layout
         self.tokenizer = tokenizer
+        self.special_token_ids: list[int] = sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
         self._stack = decoder_stack(model)

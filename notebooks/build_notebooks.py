@@ -90,7 +90,7 @@ STEERING = [
         "domains, with a permutation test over prompts (q-values are Benjamini-Hochberg adjusted)."
     ),
     new_code_cell(
-        "ftri = {domain: analysis.ftri_scores(store, tag='domain', target=domain, permutations=200) for domain in by_domain}\n"
+        "ftri = {domain: analysis.ftri_scores(store, tag='domain', target=domain) for domain in by_domain}\n"
         "analysis.heatmap(ftri['de'], 'difference', title='fTRI: German minus other domains').show()\n"
         "ftri['de'].head(8)[['layer', 'expert', 'target_rate', 'reference_rate', 'difference', 'q_value']]"
     ),
@@ -219,7 +219,7 @@ SPECIALIZATION = [
     ),
     new_markdown_cell("## Domain-specific experts (fTRI)\nThe Python experts stand out against every other domain; the export is one offline HTML file."),
     new_code_cell(
-        "python_experts = analysis.ftri_scores(store, tag='domain', target='python', permutations=200)\n"
+        "python_experts = analysis.ftri_scores(store, tag='domain', target='python')\n"
         "figure = analysis.heatmap(python_experts, 'difference', title='fTRI: Python minus other domains')\n"
         "print('written', analysis.write_html(figure, work / 'ftri_python.html'))\n"
         "figure.show()\n"

@@ -25,7 +25,8 @@ EXPERTS = 8
 TOP_K = 2
 
 
-def write_store(root: Path, routes: list[tuple], tokens: list[tuple], prompts: list[dict], *, experts: int = EXPERTS, top_k: int = TOP_K) -> moelens.store.StoredTrace:
+def write_store(root: Path, routes: list[tuple], tokens: list[tuple], prompts: list[dict], *, experts: int = EXPERTS,
+                top_k: int = TOP_K, token_ids: list[int] | None = None, special_token_ids: list[int] = ()) -> moelens.store.StoredTrace:
     """A store in the declared schema from plain rows.
 
     routes: (prompt_id, position, layer, rank, expert, weight); tokens: (prompt_id, position, token, generated).
@@ -34,7 +35,7 @@ def write_store(root: Path, routes: list[tuple], tokens: list[tuple], prompts: l
     route_columns = dict(zip(["prompt_id", "position", "layer", "rank", "expert", "weight"], map(list, zip(*routes))))
     route_columns["weight"] = np.asarray(route_columns["weight"], dtype=np.float16)
     token_columns = dict(zip(["prompt_id", "position", "token", "generated"], map(list, zip(*tokens))))
-    token_columns["token_id"] = [0] * len(tokens)
+    token_columns["token_id"] = token_ids if token_ids is not None else [0] * len(tokens)
     prompt_table = pa.Table.from_pylist(prompts)
     prompt_table = prompt_table.set_column(0, "prompt_id", prompt_table["prompt_id"].cast(pa.uint32()))
     root.mkdir(parents=True)
@@ -47,7 +48,8 @@ def write_store(root: Path, routes: list[tuple], tokens: list[tuple], prompts: l
             "routes": pa.Table.from_pydict(route_columns, schema=layout.routes_schema()),
         },
     )
-    manifest = Manifest(model="synthetic", config_hash="0", family="synthetic", layout=layout, moe_layers=LAYERS, moelens_version="test", transformers_version="test", shards=["shard-000000"])
+    manifest = Manifest(model="synthetic", config_hash="0", family="synthetic", layout=layout, moe_layers=LAYERS, moelens_version="test", transformers_version="test", shards=["shard-000000"],
+                        special_token_ids=list(special_token_ids))
     write_manifest(root, manifest)
     return moelens.read_trace(root)
 
@@ -382,3 +384,120 @@ def test_stats_work_on_an_in_memory_trace_like_on_its_store(tmp_path, capsys):
 def test_importing_the_analysis_module_is_cheap():
     code = "import sys, moelens.analysis as a; heavy = {'pandas', 'duckdb', 'plotly', 'numpy'} & set(sys.modules); assert not heavy, heavy; assert callable(a.npmi_scores)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ftri_permutation_budget_lets_q_values_reach_significance_at_model_scale():
+    """6,144 features (Qwen3-30B-A3B: 48 layers x 128 experts), 40 prompts, one planted feature.
+    A fixed 1000 permutations cannot make it significant there (its p >= 1 / 1001, x m = 6.1); the automatic
+    budget gives the planted feature q < 0.05, and the null features' p-values stay valid."""
+    from moelens.analysis.ftri import _contrast_weights, _permutation_p_values, benjamini_hochberg, permutation_budget
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    rates = rng.uniform(0, 0.1, size=(40, 6144))
+    rates[:20, 7] += 0.5  # planted: the target prompts select feature 7 far more often
+    weights = _contrast_weights(labels)
+    observed = weights @ rates
+    fixed, _ = _permutation_p_values(rates, weights, observed, 1000, 0, stop_after=10)
+    assert benjamini_hochberg(fixed)[7] > 0.5  # not significant, however strong the signal
+    budget = permutation_budget(6144)
+    assert budget == 2_457_600
+    p, used = _permutation_p_values(rates, weights, observed, budget, 0, stop_after=10)
+    q = benjamini_hochberg(p)
+    assert q[7] < 0.05 and used[7] == budget and p[7] == 1 / (budget + 1)
+    null = np.delete(p, 7)
+    assert 0.03 < (null <= 0.05).mean() < 0.07 and 0.08 < (null <= 0.1).mean() < 0.12  # uniform under the null
+    assert np.median(np.delete(used, 7)) < 100  # null features stop early
+    assert np.mean(null) == pytest.approx(0.5, abs=0.03)
+    # a moderate planted effect: its sequential p-value agrees with a plain 200,000-permutation estimate
+    rates[:20, 11] += 0.04
+    observed = weights @ rates
+    p, _ = _permutation_p_values(rates, weights, observed, budget, 1, stop_after=10)
+    shuffled = np.stack([rng.permutation(weights) for _ in range(200_000)])
+    plain = np.mean(np.abs(shuffled @ rates[:, 11]) >= abs(observed[11]))
+    assert 1e-4 < plain < 1e-2 and p[11] == pytest.approx(plain, rel=0.7)
+
+
+def test_ftri_permutations_stop_at_the_work_cap_when_many_effects_are_strong():
+    """300 strong features of 6,144: the test stops early (work cap), their shared floor is small
+    next to m / rank, so BH still calls every one of them, with few null features among them."""
+    from moelens.analysis.ftri import _contrast_weights, _permutation_p_values, benjamini_hochberg, permutation_budget
+
+    rng = np.random.default_rng(1)
+    rates = rng.uniform(0, 0.1, size=(40, 6144))
+    strong = rng.choice(6144, 300, replace=False)
+    rates[:20, strong[:, None]] += 0.5
+    weights = _contrast_weights(np.repeat([0, 1], 20))
+    p, used = _permutation_p_values(rates, weights, weights @ rates, permutation_budget(6144), 0, 10, max_work=2e9)
+    run = used.max()
+    assert run < permutation_budget(6144) and (used[strong] == run).all() and (p[strong] == 1 / (run + 1)).all()
+    q = benjamini_hochberg(p)
+    false = (np.delete(q, strong) < 0.05).sum()
+    assert (q[strong] < 0.05).all() and false / (false + len(strong)) < 0.1  # BH: 5% false discoveries expected
+
+
+def test_the_token_filter_keeps_bos_and_generated_tokens_out_of_ftri_and_npmi(tmp_path):
+    """Planted: target prompts' generated tokens (their answers) all use expert 6 in layer 2, and
+    every BOS (special id 1) uses expert 7; the prompt text routes identically in both groups,
+    except expert 3, which the target's prompt tokens use more. fTRI over prompt tokens without
+    specials (MoTE's default) finds expert 3 and never 6 or 7; counting every token finds 6."""
+    rng = np.random.default_rng(3)
+    choices, tokens, token_ids, prompts = {}, [], [], []
+    for p in range(24):
+        target = p < 12
+        prompts.append({"prompt_id": p, "text": "x", "domain": "t" if target else "r"})
+        generated = 6 if target else 2
+        for pos in range(10 + generated):
+            is_bos, is_generated = pos == 0, pos >= 10
+            for layer in LAYERS:
+                if is_bos:
+                    experts = [7, 0]
+                elif is_generated and target and layer == 2:
+                    experts = [6, 0]
+                elif layer == 2 and target and pos in (3, 4, 5):
+                    experts = [3, 1]
+                else:
+                    experts = list(rng.choice([0, 1, 2, 4, 5], 2, replace=False))
+                choices[(p, pos, layer)] = experts
+            tokens.append((p, pos, "<bos>" if is_bos else f"w{pos}", is_generated))
+            token_ids.append(1 if is_bos else 10 + pos)
+    store = write_store(tmp_path / "s", routed(choices), tokens, prompts, token_ids=token_ids, special_token_ids=[1])
+
+    default = analysis.ftri_scores(store, "domain", "t", permutations=500)
+    assert default.attrs["tokens"] == {"kind": "prompt", "special": "excluded (ids [1])", "positions": None}
+    assert (default.iloc[0].layer, default.iloc[0].expert) == (2, 3)
+    by_feature = default.set_index(["layer", "expert"])
+    # by hand: target prompts count 9 tokens (positions 1-9), 3 of which choose expert 3 in layer 2
+    assert by_feature.loc[(2, 3), "target_rate"] == pytest.approx(3 / 9) and by_feature.loc[(2, 3), "reference_rate"] == 0
+    assert by_feature.loc[(2, 6), "target_rate"] == 0 and by_feature.loc[(2, 7), "target_rate"] == 0
+    everything = analysis.ftri_scores(store, "domain", "t", permutations=0, tokens=analysis.TokenFilter(special=True))
+    assert (everything.iloc[0].layer, everything.iloc[0].expert) == (2, 6)
+    assert everything.set_index(["layer", "expert"]).loc[(2, 6), "target_rate"] == pytest.approx(6 / 16)
+
+    npmi = analysis.npmi_scores(store, regex="^w1$", min_count=1, tokens=analysis.TokenFilter(kind="prompt"))
+    assert npmi["tokens"].iloc[0] == 24 * 9 and npmi.attrs["tokens"]["kind"] == "prompt"
+    generated_only = analysis.expert_frequency(store, tokens=analysis.TokenFilter(kind="generated")).set_index(["layer", "expert"])
+    assert generated_only.loc[(2, 6), "selections"] == 12 * 6 and generated_only.loc[(2, 6), "tokens"] == 12 * 6 + 12 * 2
+    with pytest.raises(ValueError, match="kind='answers'"):
+        analysis.TokenFilter(kind="answers")
+
+
+def test_npmi_interval_by_hand_and_its_coverage():
+    """Wilson interval of p(expert | condition), mapped through nPMI; checked by hand, then its
+    coverage: independent expert and marker (true nPMI 0), 30 marker tokens, 4000 draws."""
+    from moelens.analysis.npmi import npmi_from_counts, npmi_interval
+
+    joint, expert_count, condition, tokens = np.array([6.0]), np.array([1000.0]), np.array([30.0]), np.array([10000.0])
+    q, z = 6 / 30, 1.96
+    center = (q + z * z / 60) / (1 + z * z / 30)
+    half = z * math.sqrt(q * (1 - q) / 30 + z * z / 3600) / (1 + z * z / 30)
+    expected = [npmi_from_counts(np.array([c * 30]), expert_count, condition, tokens)[0] for c in (center - half, center + half)]
+    low, high = npmi_interval(joint, expert_count, condition, tokens)
+    assert (low[0], high[0]) == pytest.approx(tuple(expected))
+    assert low[0] < npmi_from_counts(joint, expert_count, condition, tokens)[0] < high[0]
+
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(30, 0.1, size=4000).astype(np.float64)  # p(expert) = 0.1, independent of the marker
+    low, high = npmi_interval(draws, np.full(4000, 1000.0), np.full(4000, 30.0), np.full(4000, 10000.0))
+    covered = (low <= 0) & (high >= 0)
+    assert 0.92 < covered.mean() < 0.99

@@ -161,3 +161,37 @@ def test_generate_contrast_applies_the_strong_spec(family):
         expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
     assert got[: len(expected)] == expected
     assert expected != ignored[: len(expected)], "the strong spec must change this generation for the test to mean anything"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_top_k_with_a_smaller_k_equals_the_familys_own_router_set_to_k(family):
+    """SCMoE's other weak activation: the family's router itself, its top_k attribute set to 1, is the ground truth."""
+    from moelens.interventions import top_k
+
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    real = batch["attention_mask"].reshape(-1).bool()
+    steered = _received(model, batch, top_k(1))
+    routers = [layer.router for layer in moe_layers(model)]
+    assert all(hasattr(router, "top_k") for router in routers)
+    saved = [router.top_k for router in routers]
+    try:
+        for router in routers:
+            router.top_k = 1
+        own = _received(model, batch)
+    finally:
+        for router, k in zip(routers, saved):
+            router.top_k = k
+    assert steered.keys() == own.keys()
+    for index, (indices, weights) in own.items():
+        assert torch.equal(steered[index][0][real], indices[real]), index
+        torch.testing.assert_close(steered[index][1][real], weights[real], rtol=1e-5, atol=1e-6)
+
+
+def test_generate_contrast_can_ban_eos():
+    model, tokenizer = moelens.load("tiny:qwen2_moe")
+    eos = tokenizer.eos_token_id
+    free = generate_contrast(model, tokenizer, PROMPTS[:1], max_new_tokens=8, alpha=1.0, beta=0.0)
+    banned = generate_contrast(model, tokenizer, PROMPTS[:1], max_new_tokens=8, alpha=1.0, beta=0.0, ban_eos=True)
+    assert eos in free.new_tokens[0].tolist(), "the tiny model must produce EOS unbanned for this test to mean anything"
+    assert eos not in banned.new_tokens[0].tolist() and banned.new_tokens.shape[1] == 8

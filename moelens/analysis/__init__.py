@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 # equal a submodule's name (``ftri``, ``npmi``...): importing the submodule would rebind it.
 _LAZY: dict[str, tuple[str, str]] = {
     "POSITION_CLASS": ("moelens.analysis.stats", "POSITION_CLASS"),
+    "TokenFilter": ("moelens.analysis.token_filter", "TokenFilter"),
     "expert_frequency": ("moelens.analysis.stats", "expert_frequency"),
     "load_balance": ("moelens.analysis.stats", "load_balance"),
     "token_entropy": ("moelens.analysis.stats", "token_entropy"),
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from moelens.analysis.ftri import to_spec as ftri_spec
     from moelens.analysis.npmi import npmi_combined, npmi_scores
     from moelens.analysis.npmi import to_spec as npmi_spec
+    from moelens.analysis.token_filter import TokenFilter
     from moelens.analysis.super_experts import (
         PruneReport,
         SuperExpertReport,

@@ -33,7 +33,8 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     ftri.add_argument("--tag", required=True, help="prompt tag defining the groups, e.g. domain")
     ftri.add_argument("--target", required=True, help="the tag value of the target group")
     ftri.add_argument("--reference", action="append", help="a reference tag value (repeatable; default all other values)")
-    ftri.add_argument("--permutations", type=int, default=1000)
+    ftri.add_argument("--permutations", type=_permutations, default="auto",
+                      help="most label permutations per feature: a number, or auto (default: 20 x features / 0.05)")
     ftri.add_argument("--seed", type=int, default=0)
     ftri.add_argument("--spec", type=int, metavar="N", help="also write spec.json disabling the top N experts")
 
@@ -44,7 +45,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     condition.add_argument("--tag", action="append", metavar="COLUMN=VALUE", help="prompt tag condition (repeatable: all must hold)")
     npmi.add_argument("--min-count", type=int, default=5, help="minimum joint count (support)")
     npmi.add_argument("--spec", type=int, metavar="N", help="also write spec.json reweighting the top N experts")
-    npmi.add_argument("--factor", type=float, default=2.0, help="reweighting factor for --spec")
+    npmi.add_argument("--factor", type=float, default=64.0, help="reweighting factor for --spec (RICE's best value, 64)")
     for parser in (stats, ftri, npmi):
         parser.add_argument("--top", type=int, default=20, help="experts in the ranked bar chart")
     return analyze
@@ -96,6 +97,18 @@ def _stats(tables: Any, args: argparse.Namespace) -> list[Path]:
     for layer in layers:
         plots[f"coactivation_layer{layer}"] = figures.coactivation_matrix(results["coactivation"], layer, num_experts=num_experts)
     return _save(args.out, results, plots)
+
+
+def _permutations(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0 (got {value!r})") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0 (got {value!r})")
+    return number
 
 
 def _ftri(tables: Any, args: argparse.Namespace) -> list[Path]:

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from moelens.analysis.ftri import top_experts
-from moelens.analysis.stats import check_tags, literal, moe_layout, one_row, query, quote
+from moelens.analysis.stats import check_tags, literal, moe_layout, one_row, query, quote, with_counted
+from moelens.analysis.token_filter import ALL_TOKENS, TokenFilter, filtered_tokens
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +37,7 @@ def npmi_scores(
     regex: str | None = None,
     tag: Mapping[str, Any] | None = None,
     min_count: int = 5,
+    tokens: TokenFilter = ALL_TOKENS,
 ) -> pd.DataFrame:
     """nPMI between each (layer, expert) and one token condition; give exactly one of the three.
 
@@ -45,10 +47,15 @@ def npmi_scores(
         tag: {column: value} of the ``prompts`` table; the condition is "the token's prompt has these tags".
         min_count: minimum support: rows whose joint count (tokens satisfying the condition that
             selected the expert) is below it are dropped.
+        tokens: the tokens counted, in every count (default: all but special tokens; ``attrs["tokens"]``).
 
     Returns:
         sorted by ``npmi`` descending, columns ``rank, layer, expert, joint, expert_count,
-        condition_count, tokens, p_joint, p_expert, p_condition, npmi``.
+        condition_count, tokens, p_joint, p_expert, p_condition, npmi, npmi_low, npmi_high``: the
+        counts are RICE's k_n (joint), K_n (expert_count), M (condition_count) and T (tokens);
+        ``npmi_low``/``npmi_high`` the 95% interval of :func:`npmi_interval`. With ~30 marker
+        tokens and thousands of experts the top pairs can be chance: rank by ``npmi_low`` to
+        prefer pairs whose association is supported by their counts.
     """
     given = [c for c in (markers, regex, tag) if c is not None]
     if len(given) != 1:
@@ -61,13 +68,13 @@ def npmi_scores(
         assert tag is not None
         check_tags(tables, list(tag))
         predicate = " AND ".join(f"p.{quote(column)} = {literal(value)}" for column, value in tag.items()) or "TRUE"
-    counts = condition_counts(tables, [predicate], prompt_tags=tag is not None)
+    counts = condition_counts(tables, [predicate], prompt_tags=tag is not None, tokens=tokens)
     table = _with_npmi(counts.drop(columns="condition"))
     table = table[table["joint"] >= min_count]
-    return _ranked(table, "npmi")
+    return with_counted(_ranked(table, "npmi"), tables, tokens)
 
 
-def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_count: int = 5) -> pd.DataFrame:
+def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_count: int = 5, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """A signed sum of nPMIs over several marker tokens, e.g. ``["+<think>", "-</think>"]``.
 
     Each entry is a token string with an optional leading ``+`` (default) or ``-``. Score =
@@ -80,7 +87,7 @@ def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_cou
     parsed = [(-1.0, m[1:]) if m.startswith("-") else (1.0, m[1:] if m.startswith("+") else m) for m in signed_markers]
     if not parsed:
         raise ValueError("give at least one marker")
-    counts = _with_npmi(condition_counts(tables, [_marker_predicate([token]) for _, token in parsed]))
+    counts = _with_npmi(condition_counts(tables, [_marker_predicate([token]) for _, token in parsed], tokens=tokens))
     wide = counts.pivot(index=["layer", "expert"], columns="condition", values=["npmi", "joint"])
     table = wide.index.to_frame(index=False)
     signs = np.array([sign for sign, _ in parsed])
@@ -91,17 +98,20 @@ def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_cou
         table[f"joint[{token}]"] = wide["joint"][index].to_numpy()
         if sign > 0:
             supported &= table[f"joint[{token}]"].to_numpy() >= min_count
-    return _ranked(table[supported], "score")
+    return with_counted(_ranked(table[supported], "score"), tables, tokens)
 
 
-def condition_counts(tables: TraceTables, predicates: Sequence[str], *, prompt_tags: bool = False) -> pd.DataFrame:
+def condition_counts(
+    tables: TraceTables, predicates: Sequence[str], *, prompt_tags: bool = False, tokens: TokenFilter = ALL_TOKENS
+) -> pd.DataFrame:
     """Counts for every (condition, layer, expert), never-selected experts included.
 
     ``predicates`` are SQL conditions over ``t`` (the ``tokens`` row) and, with ``prompt_tags``, ``p``
     (its ``prompts`` row).
     Columns: ``condition`` (index into ``predicates``), ``layer, expert, joint`` (tokens satisfying
     the condition that selected the expert), ``expert_count`` (tokens that selected it),
-    ``condition_count`` (tokens satisfying the condition) and ``tokens`` (all traced tokens).
+    ``condition_count`` (tokens satisfying the condition) and ``tokens`` (all counted tokens), every
+    count over the tokens ``tokens`` keeps.
     """
     import numpy as np
     import pandas as pd
@@ -110,7 +120,8 @@ def condition_counts(tables: TraceTables, predicates: Sequence[str], *, prompt_t
         raise ValueError("at most 62 conditions per call (they share one 64-bit mask)")
     mask = " + ".join(f"(CASE WHEN {pred} THEN {1 << i} ELSE 0 END)" for i, pred in enumerate(predicates))
     prompts_join = "LEFT JOIN prompts AS p ON p.prompt_id = t.prompt_id" if prompt_tags else ""
-    flagged = f"SELECT t.prompt_id, t.position, ({mask})::BIGINT AS flags FROM tokens AS t {prompts_join}"
+    counted = filtered_tokens(tables, tokens)
+    flagged = f"SELECT t.prompt_id, t.position, ({mask})::BIGINT AS flags FROM ({counted}) AS t {prompts_join}"
 
     def satisfied(flags: str) -> str:
         """One count per condition: c0, c1, ..."""
@@ -120,7 +131,8 @@ def condition_counts(tables: TraceTables, predicates: Sequence[str], *, prompt_t
     # two scans, each grouped by (layer, expert) only (a direct-indexed aggregation): all selections,
     # then an inner join with the satisfying tokens, whose small build side keeps the probe cheap;
     # a single LEFT JOIN pass is slower than both together
-    expert_counts = query(tables, "SELECT layer, expert, count(*) AS expert_count FROM routes GROUP BY ALL")
+    routes = f"routes AS r JOIN ({counted}) AS t USING (prompt_id, position)" if tokens.predicate(tables) else "routes"
+    expert_counts = query(tables, f"SELECT layer, expert, count(*) AS expert_count FROM {routes} GROUP BY ALL")
     joint_counts = query(
         tables,
         f"""
@@ -144,7 +156,7 @@ def condition_counts(tables: TraceTables, predicates: Sequence[str], *, prompt_t
         frame["condition_count"] = int(totals[1 + index])
         frame["tokens"] = int(totals[0])
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    return with_counted(pd.concat(frames, ignore_index=True), tables, tokens)
 
 
 def npmi_from_counts(joint: np.ndarray, expert_count: np.ndarray, condition_count: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -160,12 +172,31 @@ def npmi_from_counts(joint: np.ndarray, expert_count: np.ndarray, condition_coun
     return np.where(joint == tokens, 1.0, value)
 
 
+def npmi_interval(
+    joint: np.ndarray, expert_count: np.ndarray, condition_count: np.ndarray, tokens: np.ndarray, z: float = 1.96
+) -> tuple[np.ndarray, np.ndarray]:
+    """A count-based confidence interval for nPMI (vectorised): the Wilson score interval of
+    p(expert | condition) = joint / condition_count at ``z`` (1.96: 95%), mapped through nPMI with
+    the expert's and the condition's counts held fixed. The joint count is what is small (a few dozen
+    marker tokens), so it carries most of the uncertainty; the interval ignores the rest."""
+    import numpy as np
+
+    m = np.asarray(condition_count, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.asarray(joint, dtype=np.float64) / m
+        center = (q + z * z / (2 * m)) / (1 + z * z / m)
+        half = z * np.sqrt(q * (1 - q) / m + z * z / (4 * m * m)) / (1 + z * z / m)
+    bounds = [npmi_from_counts(np.clip(c, 0, 1) * m, expert_count, condition_count, tokens) for c in (center - half, center + half)]
+    return np.fmin(*bounds), np.fmax(*bounds)
+
+
 def _with_npmi(counts: pd.DataFrame) -> pd.DataFrame:
     counts = counts.copy()
     counts["p_joint"] = counts["joint"] / counts["tokens"]
     counts["p_expert"] = counts["expert_count"] / counts["tokens"]
     counts["p_condition"] = counts["condition_count"] / counts["tokens"]
     counts["npmi"] = npmi_from_counts(*(counts[c].to_numpy() for c in _COUNT_COLUMNS))
+    counts["npmi_low"], counts["npmi_high"] = npmi_interval(*(counts[c].to_numpy() for c in _COUNT_COLUMNS))
     return counts
 
 

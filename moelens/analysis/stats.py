@@ -9,6 +9,9 @@ Grouping: every statistic accepts ``by``, a sequence of keys, each either a colu
 token as ``"first"`` (position 0), ``"generated"`` (produced by the model) or ``"prompt"`` (the
 rest). The key columns come first in every result, in the order given.
 
+Tokens: every statistic takes ``tokens``, a :class:`~moelens.analysis.token_filter.TokenFilter`
+(default: every token except the special ones), applied before anything is counted.
+
 Entropies are in bits.
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from moelens.analysis.token_filter import ALL_TOKENS, TokenFilter
 
 if TYPE_CHECKING:
     import duckdb
@@ -62,22 +67,26 @@ def check_tags(tables: TraceTables, tags: Sequence[str]) -> None:
         raise ValueError(f"cannot group by {missing}: {where}; {POSITION_CLASS!r} is also accepted")
 
 
-def with_groups(tables: TraceTables, by: Sequence[str], source: str = "routes") -> str:
-    """SQL for ``source`` (a relation with ``prompt_id`` and ``position``) with one more column per key of ``by``.
+def with_groups(tables: TraceTables, by: Sequence[str], tokens: TokenFilter, source: str = "routes") -> str:
+    """SQL for the rows of ``source`` (a relation with ``prompt_id`` and ``position``) whose token
+    ``tokens`` counts, with one more column per key of ``by``.
 
-    The single place that turns grouping keys into joins: tags come from ``prompts``, the position
-    class from ``tokens``. Without keys, ``source`` is returned unjoined (no cost).
+    The single place that turns grouping keys and the token filter into joins: tags come from
+    ``prompts``, the position class and the filter from ``tokens``. Without keys and with a filter
+    that keeps every token, ``source`` is returned unjoined (no cost).
     """
     by = list(by)
     tags = [key for key in by if key != POSITION_CLASS]
     check_tags(tables, tags)
-    if not by:
+    predicate = tokens.predicate(tables, "t")
+    if not by and predicate is None:
         return f"SELECT * FROM {source}"
     columns, joins = ["s.*"], []
     if tags:
         joins.append("LEFT JOIN prompts AS p ON p.prompt_id = s.prompt_id")
-    if POSITION_CLASS in by:
-        joins.append("LEFT JOIN tokens AS t ON t.prompt_id = s.prompt_id AND t.position = s.position")
+    if POSITION_CLASS in by or predicate is not None:
+        kind = "JOIN" if predicate is not None else "LEFT JOIN"
+        joins.append(f"{kind} tokens AS t ON t.prompt_id = s.prompt_id AND t.position = s.position{f' AND {predicate}' if predicate else ''}")
     for key in by:
         if key == POSITION_CLASS:
             columns.append(
@@ -105,9 +114,17 @@ def connection(tables: TraceTables) -> duckdb.DuckDBPyConnection:
     return handle
 
 
-def query(tables: TraceTables, sql: str) -> pd.DataFrame:
-    """Run ``sql`` over the trace's views on the tuned connection; the result as a DataFrame."""
-    return connection(tables).sql(sql).df()
+def query(tables: TraceTables, sql: str, counted: TokenFilter | None = None) -> pd.DataFrame:
+    """Run ``sql`` over the trace's views on the tuned connection; the result as a DataFrame
+    (with ``attrs["tokens"]``, what was counted, when ``counted`` is given)."""
+    return with_counted(connection(tables).sql(sql).df(), tables, counted)
+
+
+def with_counted(frame: pd.DataFrame, tables: TraceTables, counted: TokenFilter | None) -> pd.DataFrame:
+    """``frame`` with ``attrs["tokens"]`` saying which tokens were counted."""
+    if counted is not None:
+        frame.attrs["tokens"] = counted.describe(tables)
+    return frame
 
 
 def one_row(tables: TraceTables, sql: str, parameters: Sequence[object] = ()) -> tuple:
@@ -127,7 +144,7 @@ def moe_layout(tables: TraceTables) -> tuple[list[int], int]:
 
 
 # --- per (layer, expert) -------------------------------------------------------------------------
-def expert_frequency(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+def expert_frequency(tables: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Selection frequency and mean weight of every (layer, expert), never-selected experts included.
 
     Columns: ``*by, layer, expert, selections, tokens, frequency, share, mean_weight`` where
@@ -147,7 +164,7 @@ def expert_frequency(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFram
         f"""
         SELECT {keys} layer, expert, count(*) AS selections, avg(weight::DOUBLE) AS mean_weight,
                count(*) FILTER (WHERE rank = 0) AS routed_tokens
-        FROM ({with_groups(tables, by)}) GROUP BY ALL
+        FROM ({with_groups(tables, by, tokens)}) GROUP BY ALL
         """,
     )
     layers, num_experts = moe_layout(tables)
@@ -161,10 +178,10 @@ def expert_frequency(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFram
     layer_total = frame.groupby([*by, "layer"], dropna=False)["selections"].transform("sum")
     frame["share"] = frame["selections"] / layer_total.where(layer_total > 0)
     columns = [*by, "layer", "expert", "selections", "tokens", "frequency", "share", "mean_weight"]
-    return frame[columns].sort_values([*by, "layer", "expert"]).reset_index(drop=True)
+    return with_counted(frame[columns].sort_values([*by, "layer", "expert"]).reset_index(drop=True), tables, tokens)
 
 
-def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.DataFrame | None = None) -> pd.DataFrame:
+def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.DataFrame | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Load-balance measures per layer over the expert loads (selection counts, zeros included).
 
     Columns: ``*by, layer, experts, selections, cv, gini, max_over_mean, entropy, normalized_entropy``:
@@ -178,7 +195,7 @@ def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.D
     import pandas as pd
 
     by = list(by)
-    frequency = expert_frequency(tables, by) if frequency is None else frequency
+    frequency = expert_frequency(tables, by, tokens=tokens) if frequency is None else frequency
     rows = []
     for key, group in frequency.groupby([*by, "layer"], sort=True, dropna=False):
         loads = group["selections"].to_numpy(dtype=np.float64)
@@ -197,10 +214,10 @@ def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.D
                 "normalized_entropy": entropy / np.log2(n) if n > 1 else np.nan,
             }
         )
-    return pd.DataFrame(rows)
+    return with_counted(pd.DataFrame(rows), tables, tokens)
 
 
-def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: bool = False) -> pd.DataFrame:
+def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: bool = False, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Routing entropy of each token: the entropy (bits) of its selected weights normalised to sum 1.
 
     With ``per_token=False`` (default) a summary per layer, columns ``*by, layer, tokens,
@@ -216,22 +233,23 @@ def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: boo
                greatest(log2(sum(weight::DOUBLE))
                         - sum(CASE WHEN weight > 0 THEN weight::DOUBLE * log2(weight::DOUBLE) ELSE 0 END) / sum(weight::DOUBLE), 0)
                    AS entropy
-        FROM ({with_groups(tables, by)}) GROUP BY ALL
+        FROM ({with_groups(tables, by, tokens)}) GROUP BY ALL
     """
     if per_token:
-        return query(tables, per_token_sql + " ORDER BY ALL")
+        return query(tables, per_token_sql + " ORDER BY ALL", tokens)
     return query(
         tables,
         f"""
         SELECT {keys} layer, count(*) AS tokens, avg(entropy) AS mean_entropy, stddev_pop(entropy) AS std_entropy,
                log2(max(experts)) AS max_possible
         FROM ({per_token_sql}) GROUP BY ALL ORDER BY ALL
-        """
+        """,
+        tokens,
     )
 
 
 # --- co-activation ---------------------------------------------------------------------------------
-def coactivation(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+def coactivation(tables: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """How often two experts of the same layer are chosen together for the same token.
 
     Columns: ``*by, layer, expert_a, expert_b, count`` with ``expert_a < expert_b``; pairs never
@@ -242,14 +260,15 @@ def coactivation(tables: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
         tables,
         f"""
         SELECT {key_list(by, 'a.')} a.layer, a.expert AS expert_a, b.expert AS expert_b, count(*) AS count
-        FROM ({with_groups(tables, by)}) AS a
+        FROM ({with_groups(tables, by, tokens)}) AS a
         JOIN routes AS b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer AND a.expert < b.expert
         GROUP BY ALL ORDER BY ALL
-        """
+        """,
+        tokens,
     )
 
 
-def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | None = None) -> pd.DataFrame:
+def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Expert-to-expert transitions between consecutive MoE layers, counted per token.
 
     For a token choosing expert ``e`` at MoE layer ``l`` and ``f`` at the next MoE layer ``m``, the pair
@@ -268,17 +287,18 @@ def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | Non
         f"""
         WITH successor(layer, next_layer) AS (VALUES {pairs})
         SELECT {key_list(by, 'a.')} a.layer, n.next_layer, a.expert, b.expert AS next_expert, count(*) AS count
-        FROM ({with_groups(tables, by)}) AS a
+        FROM ({with_groups(tables, by, tokens)}) AS a
         JOIN successor AS n ON n.layer = a.layer
         JOIN routes AS b ON b.prompt_id = a.prompt_id AND b.position = a.position AND b.layer = n.next_layer
         WHERE TRUE {rank_filter}
         GROUP BY ALL ORDER BY ALL
-        """
+        """,
+        tokens,
     )
 
 
 # --- stability between two traces --------------------------------------------------------------------
-def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str] = ()) -> pd.DataFrame:
+def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """The fraction of tokens whose expert SET changes between two traces of the same prompts, per layer.
 
     Tokens are matched on (prompt_id, position) and layer; the order and weights of the experts do not
@@ -297,14 +317,14 @@ def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str]
             f"""
             SELECT prompt_id::VARCHAR AS prompt_id, position::BIGINT AS position, {key_list(grouping)}
                    layer::BIGINT AS layer, list(expert::INTEGER ORDER BY expert) AS experts
-            FROM ({with_groups(trace, grouping)}) GROUP BY ALL
+            FROM ({with_groups(trace, grouping, tokens)}) GROUP BY ALL
             """
         ).to_arrow_table()
 
     joiner = duckdb.connect()
     joiner.register("a", expert_sets(tables, by))
     joiner.register("b", expert_sets(other, ()))
-    return joiner.sql(
+    return with_counted(joiner.sql(
         f"""
         SELECT {key_list(by, 'a.')} a.layer,
                count(b.experts) AS tokens,
@@ -316,4 +336,4 @@ def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str]
         FROM a LEFT JOIN b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer
         GROUP BY ALL ORDER BY ALL
         """
-    ).df()
+    ).df(), tables, tokens)

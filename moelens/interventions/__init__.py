@@ -17,6 +17,7 @@ from moelens.interventions.spec import (
     prune,
     rank,
     reweight,
+    top_k,
     top_p,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "prune",
     "rank",
     "reweight",
+    "top_k",
     "top_p",
 ]

@@ -31,6 +31,7 @@ from moelens.interventions.spec import (
     Reweight,
     SpecError,
     TokenScope,
+    TopK,
     TopP,
 )
 
@@ -227,6 +228,13 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
             setting("top_p", part.p, part)
             setting("top_p_max_k", part.max_k, part)
             setting("top_p_renormalize", part.renormalize, part)
+        elif isinstance(part, TopK):
+            if part.k > rule.top_k:
+                raise SpecError(f"top_k: k = {part.k} in layer {index} exceeds the family's top-k = {rule.top_k}")
+            # the family's rule with fewer slots: a top-p prefix that never reaches p = 1 before k experts
+            setting("top_p", 1.0, part)
+            setting("top_p_max_k", part.k, part)
+            setting("top_p_renormalize", rule.renormalize, part)
         elif isinstance(part, Rank):
             if part.rank > num_experts:
                 raise SpecError(f"rank: rank {part.rank} is larger than the {num_experts} experts of layer {index}")

@@ -55,6 +55,7 @@ def generate_contrast(
     do_sample: bool = False,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    ban_eos: bool = False,
 ) -> ContrastOutput:
     """Generate from ``prompts`` with self-contrast decoding (greedy unless ``do_sample``).
 
@@ -63,6 +64,11 @@ def generate_contrast(
         weak: routing of the weak pass; ``None`` = ``rank(2)`` (only each token's second-best expert).
         beta: contrast strength (the paper's typical value 0.5).
         alpha: plausibility cut-off: tokens whose strong probability is below alpha x the best are excluded.
+        ban_eos: never choose the EOS token (the authors' code does so by default; every row then
+            runs to ``max_new_tokens``).
+
+    Weak activations of the paper: ``rank(2)`` (default) and ``top_k(1)`` (DeepSeekMoE), both on
+    the family's routed scale.
     """
     import torch
 
@@ -89,6 +95,8 @@ def generate_contrast(
             cache = output.cache
             last = output.logits[:, -1].float()  # [2B, V]
             scores = contrast_logits(last[:batch], last[batch:], beta=beta, alpha=alpha)
+            if ban_eos and eos is not None:
+                scores[:, eos] = -torch.inf
             if do_sample:
                 probabilities = torch.softmax(scores / temperature, dim=-1)
                 token = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)

@@ -156,6 +156,19 @@ class Rank(Part):
 
 
 @dataclass(frozen=True)
+class TopK(Part):
+    """Route every token to its top-``k`` experts, ``k`` below the family's: the family's own rule
+    (scores, normalisation, scale) with fewer slots. SCMoE's other weak activation (DeepSeekMoE: top-1)."""
+
+    kind: ClassVar[str] = "top_k"
+    k: int = 1
+    only_layers: tuple[int, ...] | None = None
+
+    def layers(self) -> tuple[int, ...] | None:
+        return self.only_layers
+
+
+@dataclass(frozen=True)
 class Prune(Part):
     """Keep only the given experts in each listed layer; tokens re-route among them (EASY-EP)."""
 
@@ -166,7 +179,7 @@ class Prune(Part):
         return tuple(self.keep)
 
 
-_KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, Prune)}
+_KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Prune)}
 
 
 @dataclass(frozen=True)
@@ -267,6 +280,14 @@ def top_p(p: float = 0.4, *, max_k: int | None = None, renormalize: bool = False
     return Intervention((TopP(p=float(p), max_k=max_k, renormalize=bool(renormalize), only_layers=only, tokens=_scope(tokens)),))
 
 
+def top_k(k: int = 1, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
+    """Route each token to its top-``k`` experts under the family's own rule. See :class:`TopK`."""
+    if not isinstance(k, int) or k < 1:
+        raise SpecError(f"top_k: k must be an integer >= 1, got {k!r}")
+    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
+    return Intervention((TopK(k=k, only_layers=only, tokens=_scope(tokens)),))
+
+
 def rank(r: int = 2, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
     """Route each token to its rank-``r`` expert only (1 = top expert). See :class:`Rank`."""
     if not isinstance(r, int) or r < 1:
@@ -297,6 +318,8 @@ def _from_fields(kind: str) -> Any:
             return top_p(kw.pop("p", 0.4), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
         if kind == "rank":
             return rank(kw.pop("rank", 2), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+        if kind == "top_k":
+            return top_k(kw.pop("k", 1), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
         if tokens != "all":
             raise SpecError("prune applies to every token (it models a smaller deployed model)")
         return prune(kw.pop("keep", {}), **kw)
