@@ -87,7 +87,8 @@ STEERING = [
     PROBE_STORE,
     new_markdown_cell(
         "## German experts by fTRI\n`ftri_scores` compares each (layer, expert)'s activation rate on German prompts with the mean over the other "
-        "domains, with a permutation test over prompts (q-values are Benjamini-Hochberg adjusted)."
+        "domains, counting the prompts' own tokens (no BOS, no generated tokens: `.attrs['tokens']` says so), with a sequential "
+        "permutation test over prompts (q-values are Benjamini-Hochberg adjusted; `.attrs['p_floor']` is the smallest p it can give)."
     ),
     new_code_cell(
         "ftri = {domain: analysis.ftri_scores(store, tag='domain', target=domain) for domain in by_domain}\n"
@@ -252,8 +253,8 @@ SPECIALIZATION = [
     ),
     new_markdown_cell(
         "## Super experts\nExperts whose output has rare, huge activations (Super Experts, 2025): profiled on a few calibration texts. "
-        "moelens-tiny is small and has no massive activations, so few experts (or none) are flagged; the table shows the "
-        "largest outputs either way."
+        "moelens-tiny is small and has no massive activations, so few experts are flagged (layer 0's expert 15, far above the "
+        "rest); thresholds come from the layers before 75% of the depth, as in the authors' code. The table shows the largest outputs."
     ),
     new_code_cell(
         "calibration = [json.loads(line)['text'] for line in (PROBES / 'calibration.jsonl').read_text().splitlines()]\n"
