@@ -399,12 +399,12 @@ def test_ftri_permutation_budget_lets_q_values_reach_significance_at_model_scale
     weights = _contrast_weights(labels)
     observed = weights @ rates
     fixed, _ = _permutation_p_values(rates, weights, observed, 1000, 0, stop_after=10)
-    assert benjamini_hochberg(fixed)[7] > 0.5  # not significant, however strong the signal
+    assert benjamini_hochberg(fixed)[7] > 0.3  # far from significant, however strong the signal
     budget = permutation_budget(6144)
     assert budget == 2_457_600
     p, used = _permutation_p_values(rates, weights, observed, budget, 0, stop_after=10)
     q = benjamini_hochberg(p)
-    assert q[7] < 0.05 and used[7] == budget and p[7] == 1 / (budget + 1)
+    assert q[7] < 0.05 and used[7] > budget / 2 and p[7] == 1 / (used[7] + 1)  # never exceeded: at its floor
     null = np.delete(p, 7)
     assert 0.03 < (null <= 0.05).mean() < 0.07 and 0.08 < (null <= 0.1).mean() < 0.12  # uniform under the null
     assert np.median(np.delete(used, 7)) < 100  # null features stop early

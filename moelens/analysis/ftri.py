@@ -11,6 +11,7 @@ are Benjamini-Hochberg adjusted over all (layer, expert).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from moelens.store import TraceTables
 
 _PERMUTATION_ELEMENTS = 1 << 22  # permutations per matrix product x max(running features, prompts): ~32 MB
-_PERMUTATION_WORK = 3e10  # multiply-adds one test may spend (about a second or two on 2 cores)
 
 
 def ftri_scores(
@@ -152,7 +152,7 @@ def _prompt_rates(
     num_features = len(layers) * num_experts
     files = tables.files("routes") if hasattr(tables, "files") else []
     if files and np.issubdtype(prompt_ids.dtype, np.integer):
-        kept = _kept_positions(handle, prompt_ids, filtered_tokens(tables, tokens)) if predicate else None
+        kept = _kept_positions(handle, prompt_ids, predicate) if predicate else None
         selections = _streamed_selections(files, prompt_ids, layer_index, num_experts, kept).astype(np.float64)
     else:
         # all prompts are aggregated and the unchosen ones dropped below: a join restricting the
@@ -174,16 +174,23 @@ def _prompt_rates(
     return rates, selections, token_counts, labels, features
 
 
-def _kept_positions(handle: Any, prompt_ids: np.ndarray, kept_tokens_sql: str) -> np.ndarray:
-    """[P, max position + 1] bool: the (prompt row, position) pairs whose token the filter counts."""
+def _kept_positions(handle: Any, prompt_ids: np.ndarray, predicate: str) -> np.ndarray | None:
+    """[(P + 1) x W] bool, flattened: whether the token at (prompt row, position) is counted, W the
+    largest position + 1; a last row of False stands for prompts not chosen. ``None`` when the
+    filter keeps every token of the trace (nothing to look up per event)."""
     import numpy as np
 
-    kept = handle.sql(f"SELECT prompt_id, position FROM ({kept_tokens_sql})").fetchnumpy()
-    rows = _rows_of(prompt_ids, np.asarray(kept["prompt_id"]))
-    positions = np.asarray(kept["position"], dtype=np.int64)
-    mask = np.zeros((prompt_ids.size, int(positions.max(initial=0)) + 1), dtype=bool)
-    mask[rows[rows >= 0], positions[rows >= 0]] = True
-    return mask
+    tokens = handle.sql(f"SELECT prompt_id, position, ({predicate}) AS kept FROM tokens AS t").fetchnumpy()
+    kept = np.asarray(tokens["kept"], dtype=bool)
+    if kept.all():
+        return None
+    rows = _rows_of(prompt_ids, np.asarray(tokens["prompt_id"]))
+    positions = np.asarray(tokens["position"], dtype=np.int64)
+    width = int(positions.max(initial=0)) + 1
+    mask = np.zeros((prompt_ids.size + 1, width), dtype=bool)
+    chosen = (rows >= 0) & kept
+    mask[rows[chosen], positions[chosen]] = True
+    return mask.reshape(-1)
 
 
 def _rows_of(prompt_ids: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -203,8 +210,7 @@ def _streamed_selections(
     aggregation; numpy's bincount over a packed key is ~2.5x faster and, one worker per core
     (numpy releases the GIL), never holds more than a batch of events per worker. Rows of one
     prompt are contiguous in a shard, so ids are mapped to rows once per run, not per event.
-    ``kept`` ([P, positions] bool, from :func:`_kept_positions`) drops the events of tokens a
-    token filter does not count.
+    ``kept`` (from :func:`_kept_positions`) drops the events of tokens a token filter does not count.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +219,7 @@ def _streamed_selections(
     import pyarrow.parquet as pq
 
     num_features = layer_index[layer_index >= 0].size * num_experts
+    width = kept.size // (prompt_ids.size + 1) if kept is not None else 0
     workers = max(1, min(len(files), os.cpu_count() or 1, 8))
 
     def count(share: Sequence[str]) -> np.ndarray:
@@ -223,13 +230,15 @@ def _streamed_selections(
             for batch in batches:
                 ids = batch.column(0).to_numpy()
                 starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # runs of one prompt
-                rows = np.repeat(_rows_of(prompt_ids, ids[starts]), np.diff(np.r_[starts, ids.size]))
+                run_rows = _rows_of(prompt_ids, ids[starts])
+                if kept is not None:  # unchosen prompts point at the mask's all-False last row
+                    run_rows = np.where(run_rows >= 0, run_rows, prompt_ids.size)
+                rows = np.repeat(run_rows, np.diff(np.r_[starts, ids.size]))
                 key = rows * num_features + layer_index[batch.column(1).to_numpy()] * num_experts + batch.column(2).to_numpy()
-                counted = rows >= 0
-                if kept is not None:
-                    position = batch.column(3).to_numpy().astype(np.int64)
-                    inside = counted & (position < kept.shape[1])
-                    counted = inside & kept[np.where(inside, rows, 0), np.where(inside, position, 0)]
+                if kept is None:
+                    counted = rows >= 0
+                else:  # one flat gather per event: (row, position) -> counted
+                    counted = kept[rows * width + batch.column(3).to_numpy()]
                 key = key[counted]
                 if key.size:
                     low, high = int(key.min()), int(key.max())
@@ -260,22 +269,28 @@ def permutation_budget(num_features: int, alpha: float = 0.05) -> int:
 
 def _permutation_p_values(
     rates: np.ndarray, weights: np.ndarray, observed: np.ndarray, permutations: int, seed: int, stop_after: int,
-    max_work: float = _PERMUTATION_WORK,
+    max_work: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two-sided sequential Monte Carlo p-values (Besag & Clifford 1991) and permutations used per feature.
 
     Permuting the labels permutes the weights (group sizes are kept). Each feature draws
     permutations until ``stop_after`` permuted |statistics| reach its |observed| (then p = h / L,
     L the permutations it used) or the permutations end (then p = (g + 1) / (L + 1), g its
-    exceedances). They end at the budget ``permutations``, or earlier once ``max_work``
-    multiply-adds were spent: many features still running means many strong effects, and their
-    BH q-values are small at a modest L (q ~ p x m / rank); few still running are cheap to take to
-    the full budget. Only the running features are multiplied: memory stays at one batch.
+    exceedances). They end at the budget B = ``permutations``, or earlier once ``max_work``
+    multiply-adds were spent. Default W: what the features far from significance cost to stop
+    (with uniform p-values, about h (1 + ln(B / h)) permutations each, h = ``stop_after``), plus four
+    times what one feature costs at the full budget, 4 P B. Why that bound suffices: the n features still running share the floor p = 1 / L with
+    L ~ W / (P n), and BH gives each q = p x m / n ~ P m / W, whatever n; with W = 4 P B = 80 P m /
+    0.05 that is 0.05 / 80. So many strong effects stop early, few are taken to the full budget.
+    Only the running features are multiplied: memory stays at one batch.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
     num_prompts, num_features = rates.shape
+    if max_work is None:  # the null features' sequential phase, then 4 features' worth of the full budget
+        null_phase = num_features * stop_after * (1 + math.log(max(permutations / stop_after, 1.0)))
+        max_work = num_prompts * (4.0 * permutations + null_phase)
     exceed = np.zeros(num_features, dtype=np.int64)
     used = np.zeros(num_features, dtype=np.int64)
     p_values = np.full(num_features, np.nan)
