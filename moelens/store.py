@@ -9,8 +9,11 @@ A store is a directory::
     logits/shard-NNNNNN.parquet    prompt_id, position, layer, logits   (only with full logits)
     shards/shard-NNNNNN.json       completion marker, written last
 
-``routes`` is long format, one row per (prompt, position, layer, rank); ``rank`` 0 is the
-highest-weighted expert, ``weight`` is what the model multiplied the expert's output by. A shard
+``routes`` is long format, one row per (prompt, position, layer, rank); ``rank`` is 0-based in
+the family's choice order (the weight order, except where a correction bias steers the choice
+but not the weights, as on DeepSeek-V3: there sigmoid(logit) + bias), the order ``rank(r)``
+interventions count in (``rank(r)`` = this table's rank r - 1); ``weight`` is what the model
+multiplied the expert's output by. A shard
 counts only once its marker exists: every Parquet file is written under a temporary name and
 renamed when complete, and the marker is renamed into place after all of them, so a killed writer
 leaves nothing that a reader or ``--resume`` mistakes for data.

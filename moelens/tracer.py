@@ -80,6 +80,7 @@ class Tracer(TraceTables):
         self.special_token_ids: list[int] = sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
+        self._choice_bias, self._choice_score = _choice_bias(model, self.layers)
         self._stack = decoder_stack(model)
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
@@ -177,6 +178,7 @@ class Tracer(TraceTables):
             tensors = {
                 "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
                 "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
+                "rank_key": torch.stack([self._rank_key(i, o) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
                 "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
                 "positions": step.tokens.positions,
                 "real": step.tokens.real,
@@ -197,6 +199,23 @@ class Tracer(TraceTables):
                     "bfloat16 or float32). Nothing was recorded."
                 )
         return _build_tables(self, host, np.asarray(layer_ids))
+
+    def _rank_key(self, layer_index: int, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[T, k] the score by which the family chooses each slot's expert; rank 0 is the highest.
+
+        One definition of rank for traces and for ``rank(r)``: the family's choice order. It is the
+        weight order, except where a score-correction bias steers the choice but not the weights
+        (DeepSeek-V3: choice = sigmoid(logit) + bias), where it is score(logit) + bias.
+        """
+        import torch
+
+        logits, weights, indices = output
+        bias = self._choice_bias.get(layer_index)
+        if bias is None:
+            return weights.float()
+        safe = indices.clamp(max=logits.shape[-1] - 1)  # the empty-slot sentinel E has no score
+        score = torch.sigmoid(logits.float()) if self._choice_score == "sigmoid" else torch.softmax(logits.float(), dim=-1)
+        return score.gather(-1, safe) + bias.to(logits.device).float()[safe]
 
     def layout(self) -> StoreLayout:
         if self._layout is not None:
@@ -247,8 +266,8 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         positions = data["positions"].numpy().reshape(-1)[real]  # [M]
         indices = data["indices"].numpy()[:, real]  # [L, M, k]
         weights = data["weights"].numpy()[:, real]  # [L, M, k]
-        # rank 0 = highest weight; families with sorted=False top-k (DeepSeek) need the reorder
-        order = np.argsort(-weights, axis=-1, kind="stable")
+        # rank 0 = the family's first choice (see Tracer._rank_key); sorted=False top-k (DeepSeek) needs the reorder
+        order = np.argsort(-data["rank_key"].numpy()[:, real], axis=-1, kind="stable")
         indices = np.take_along_axis(indices, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         weights = np.take_along_axis(weights, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         tokens_m, _, k = indices.shape
@@ -316,6 +335,18 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
         schema=schema,
     )
     return table.sort_by([(key, "ascending") for key in keys])
+
+
+def _choice_bias(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[dict[int, torch.Tensor], str]:
+    """Per MoE layer, the score-correction bias its router adds for choice only (DeepSeek-V3 and
+    its kin), and the family's score function; ({}, "") for families without one."""
+    from moelens.hooks.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.correction_bias_attr is None or adapter.rule is None:
+        return {}, ""
+    biases = {layer.index: getattr(layer.router, adapter.correction_bias_attr, None) for layer in layers}
+    return {index: bias for index, bias in biases.items() if bias is not None}, adapter.routing_rule(model.config).score
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:

@@ -195,3 +195,29 @@ def test_generate_contrast_can_ban_eos():
     banned = generate_contrast(model, tokenizer, PROMPTS[:1], max_new_tokens=8, alpha=1.0, beta=0.0, ban_eos=True)
     assert eos in free.new_tokens[0].tolist(), "the tiny model must produce EOS unbanned for this test to mean anything"
     assert eos not in banned.new_tokens[0].tolist() and banned.new_tokens.shape[1] == 8
+
+
+def test_one_definition_of_rank_for_traces_and_rank_r_on_deepseek_v3():
+    """DeepSeek-V3 chooses by sigmoid(logit) + correction bias but weighs by sigmoid(logit) alone:
+    a trace's rank r-1 and rank(r) are both the r-th expert in the choice order, computed here by hand."""
+    model, tokenizer = moelens.load("tiny:deepseek_v3")
+    layer = moe_layers(model)[0]
+    batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    seen = {}
+    handle = layer.router.register_forward_hook(lambda m, a, out: seen.update(logits=out[0].float(), indices=out[2]))
+    try:
+        with torch.no_grad(), moelens.trace(model) as tracer:
+            model(**batch)
+    finally:
+        handle.remove()
+    choice = torch.sigmoid(seen["logits"]) + layer.router.e_score_correction_bias.float()
+    chosen = seen["indices"]
+    expected = chosen.gather(1, choice.gather(1, chosen).argsort(dim=1, descending=True, stable=True))  # [T, k] by choice
+    routes = tracer.routes.query("layer == @layer.index").sort_values(["position", "rank"])
+    got = torch.tensor(routes["expert"].to_numpy().astype("int64")).view(len(expected), -1)
+    assert torch.equal(got, expected)
+    by_weight = routes.sort_values(["position", "weight"], ascending=[True, False], kind="stable")
+    assert (by_weight["expert"].to_numpy() != routes["expert"].to_numpy()).any(), "weight and choice order must differ somewhere here"
+    for r in range(1, layer.top_k + 1):
+        indices, _ = _received(model, batch, rank(r, layers=[layer.index]))[layer.index]
+        assert torch.equal(indices[:, 0], expected[:, r - 1]), r

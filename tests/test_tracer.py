@@ -15,7 +15,8 @@ from tests.conftest import PROMPTS
 
 def _reference_routes(model, batch) -> pd.DataFrame:
     """Routes read by hooks written here, independently of moelens: every router's raw output,
-    unpadded with the attention mask, sorted by weight within each token."""
+    unpadded with the attention mask, in choice order within each token (by weight, or where the
+    router adds a correction bias for choice only, DeepSeek-V3's, by sigmoid(logit) + bias)."""
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for index, layer in enumerate(model.model.layers):
@@ -26,7 +27,9 @@ def _reference_routes(model, batch) -> pd.DataFrame:
             continue
 
         def hook(module, args, output, index=index):
-            captured[index] = (output[1].float(), output[2])
+            bias = getattr(module, "e_score_correction_bias", None)
+            key = output[1].float() if bias is None else (torch.sigmoid(output[0].float()) + bias).gather(1, output[2])
+            captured[index] = (output[1].float(), output[2], key)
 
         handles.append(router.register_forward_hook(hook))
     try:
@@ -38,13 +41,14 @@ def _reference_routes(model, batch) -> pd.DataFrame:
     mask = batch["attention_mask"].bool()
     rows = []
     batch_size, seq = mask.shape
-    for layer, (weights, indices) in captured.items():
+    for layer, (weights, indices, key) in captured.items():
         weights = weights.view(batch_size, seq, -1)
         indices = indices.view(batch_size, seq, -1)
+        key = key.view(batch_size, seq, -1)
         for b in range(batch_size):
             real_positions = torch.nonzero(mask[b]).flatten().tolist()
             for position, column in enumerate(real_positions):
-                order = torch.argsort(weights[b, column], descending=True, stable=True)
+                order = torch.argsort(key[b, column], descending=True, stable=True)
                 for rank, slot in enumerate(order.tolist()):
                     rows.append((b, position, layer, rank, int(indices[b, column, slot]), float(weights[b, column, slot])))
     frame = pd.DataFrame(rows, columns=["prompt_id", "position", "layer", "rank", "expert", "weight"])
@@ -175,5 +179,7 @@ def test_tables_and_sql():
     # DeepSeek-V3 renormalises then scales: every token's weights sum to routed_scaling_factor
     np.testing.assert_allclose(per_token["w"], config.routed_scaling_factor, rtol=2e-3)
     assert (per_token["k"] == config.num_experts_per_tok).all()
-    assert routes.groupby(["prompt_id", "position", "layer"])["weight"].apply(lambda w: w.is_monotonic_decreasing).all()
+    # ranks are 0..k-1 per token, in the family's choice order (tests/test_stacking.py checks the order by hand)
+    ranks = routes.groupby(["prompt_id", "position", "layer"])["rank"].apply(list)
+    assert len(ranks) > 0 and all(r == list(range(config.num_experts_per_tok)) for r in ranks)
     assert tracer.tokens.loc[0, "token"] == tokenizer.bos_token
