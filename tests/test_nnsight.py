@@ -31,10 +31,14 @@ def test_capture_routes_equals_the_tracer(family):
         captured = nnsight_ops.capture_routes(lm)
     with torch.no_grad(), moelens.trace(model) as tracer:
         model(**tokenizer([PROMPT], return_tensors="pt"))
+    assert len(captured) == len(moe_layers(model))
     for layer, (weights, indices) in captured.items():
-        order = weights.float().argsort(dim=-1, descending=True, stable=True)
-        expected = tracer.routes.query("layer == @layer").sort_values(["position", "rank"])
+        # compare per token by expert id: the tracer orders slots by choice, the router as it likes
+        order = indices.argsort(dim=-1, stable=True)
+        expected = tracer.routes.query("layer == @layer").sort_values(["position", "expert"])
         assert indices.gather(-1, order).reshape(-1).tolist() == expected["expert"].tolist()
+        got_weights = weights.detach().float().gather(-1, order).reshape(-1).numpy()
+        assert got_weights == pytest.approx(expected["weight"].to_numpy(), rel=2e-3, abs=1e-3)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

@@ -50,8 +50,9 @@ def ftri_scores(
             (non-null) value. Each reference value is one group.
         permutations: the most label permutations a feature gets in the test (seeded by ``seed``);
             ``"auto"`` (default): :func:`permutation_budget` of the number of (layer, expert)
-            features, so that the smallest attainable q-value lies below 0.05 (with a fixed 1000
-            permutations, BH over 6,144 features can never go below q = 6.1); 0 skips the test.
+            features, so that the smallest attainable q-value lies far below 0.05 (with a fixed
+            1000 permutations, one strong feature among 6,144 gets p = 1/1001, p x m = 6.1: BH
+            cannot call it significant); 0 skips the test.
         pseudo_count: added to both selection and non-selection counts in the log-odds ratio.
         stop_after: a feature's sequential test stops once this many permuted statistics reached
             its observed one (see :func:`_permutation_p_values`).
@@ -67,8 +68,8 @@ def ftri_scores(
     Returns:
         one row per (layer, expert), sorted by ``difference`` (most target-specific first), columns
         ``rank, layer, expert, target_rate, reference_rate, difference, log_odds, p_value,
-        permutations_used, q_value, target_prompts, reference_prompts``: ``target_rate`` is the mean over target prompts of
-        their activation rate, ``reference_rate`` the mean over reference groups of each group's
+        permutations_used, q_value, target_prompts, reference_prompts``: ``target_rate`` is the
+        mean over target prompts of their activation rate (selections / counted tokens), ``reference_rate`` the mean over reference groups of each group's
         mean rate, ``difference`` their difference (the fTRI score), ``log_odds`` the log odds ratio
         of selection per token with all tokens of each side pooled, ``p_value`` the two-sided
         permutation p-value of ``difference`` and ``q_value`` its Benjamini-Hochberg adjustment.
