@@ -217,6 +217,33 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise UnsupportedModelError(f"{type(model).__name__} has no `layers` ModuleList of decoder layers.")
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model`` wants its input ids: the device its token embeddings compute on (the
+    execution device of an offloaded embedding, whose weights sit on ``meta`` between calls)."""
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embeddings.weight.device
+
+
+def materialized(module: nn.Module, name: str) -> torch.Tensor:
+    """The values of ``module``'s parameter or buffer ``name``, also when accelerate has offloaded
+    it (the module then holds a ``meta`` tensor between calls and its hook keeps the values)."""
+    value = getattr(module, name)
+    if value.device.type != "meta":
+        return value
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None or name not in weights_map:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}.{name} is on the meta device and no offload hook holds its values: "
+            "load the model with its weights (device_map with cpu/disk offload is fine; init_empty_weights is not)"
+        )
+    return weights_map[name]
+
+
 def module_name(model: nn.Module, target: nn.Module) -> str:
     """The dotted path of ``target`` inside ``model`` (e.g. ``model.layers.3.mlp.gate``)."""
     for name, module in model.named_modules():

@@ -9,6 +9,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _json_mapping(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg} at column {error.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _auto_or_json(text: str) -> str | dict[str, Any]:
+    return _json_mapping(text) if text.lstrip().startswith("{") else text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -48,7 +64,10 @@ def _build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard (unit of crash safety)")
     collect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     collect.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    collect.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs")
+    collect.add_argument("--device-map", default=None, type=_auto_or_json,
+                         help='auto (spread a large model over the devices) or a JSON {module: device} map; "disk" offloads')
+    collect.add_argument("--max-memory", default=None, type=_json_mapping, help='JSON {device: size}, e.g. {"0": "70GiB", "cpu": "200GiB"}')
+    collect.add_argument("--offload-folder", default=None, help="where weights offloaded to disk are kept")
     collect.add_argument("--intervention", type=Path, default=None, help="JSON intervention spec applied while tracing (recorded in the manifest)")
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             device_map=args.device_map,
+            max_memory=args.max_memory,
+            offload_folder=args.offload_folder,
             progress=not args.no_progress,
         )
         intervention = _read_spec(args.intervention) if args.intervention else None

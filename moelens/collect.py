@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moelens import store
+from moelens.hooks.adapters import input_device
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -44,7 +45,9 @@ class CollectOptions:
     shard_size: int = 64  # prompts per shard: the unit of crash safety and of torchrun sharding
     device: str | None = None
     dtype: str | None = None
-    device_map: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[str, Any] | None = None
+    offload_folder: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -242,7 +245,8 @@ def _collect_locked(
 ) -> store.StoredTrace:
     from moelens.loading import load
 
-    model, tokenizer = load(model_name, device=options.device, dtype=options.dtype, device_map=options.device_map)
+    placement = {k: v for k, v in (("max_memory", options.max_memory), ("offload_folder", options.offload_folder)) if v is not None}
+    model, tokenizer = load(model_name, device=options.device, dtype=options.dtype, device_map=options.device_map, **placement)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decode steps append on the right
@@ -293,7 +297,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     config_json = model.config.to_json_string(use_diff=False)
     prompts_sha = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
     collection = {
-        k: v for k, v in asdict(options).items() if k not in ("resume", "progress", "device", "device_map")
+        k: v for k, v in asdict(options).items() if k not in ("resume", "progress", "device", "device_map", "max_memory", "offload_folder")
     } | {"prompts": str(prompts_path), "prompts_sha": prompts_sha, "num_prompts": len(records)}
     return store.Manifest(
         model=str(model_name),
@@ -337,7 +341,7 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
 
     config = getattr(model.config, "text_config", None) or model.config
     limit = int(getattr(config, "max_position_embeddings", 0) or 1 << 30) - options.max_new_tokens
-    device = next(model.parameters()).device
+    device = input_device(model)
     stats = {"prompts": 0, "tokens": 0, "events": 0, "seconds": 0.0}
     bar = tqdm(total=sum(len(s) for _, s in shards), unit="prompt", disable=not options.progress, desc=f"rank {rank}" if rank else "collect", file=sys.stderr)
     started = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from moelens.hooks.adapters import input_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,7 @@ def token_losses(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
     """
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     results: list[tuple[float, int]] = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])

@@ -1,14 +1,17 @@
-"""``moelens.load``: a model and its tokenizer from a local checkpoint or the built-in zoo.
+"""``moelens.load``: a model and its tokenizer from the zoo, a local checkpoint or a hub id.
 
 Names:
     ``moelens-tiny``       the trained MoE shipped in ``data/models/moelens-tiny`` (the default model)
     ``tiny:<family>``      a seeded random tiny model of a supported family (see ``moelens zoo list``)
-    a directory            a Hugging Face checkpoint on disk; moelens never downloads from a hub
+    a directory            a Hugging Face checkpoint on disk
+    ``org/name``           a Hugging Face hub id, resolved by transformers through the local
+                           Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) or the hub
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +40,7 @@ _SHIPPED = {DEFAULT_MODEL: ("models", DEFAULT_MODEL)}
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """The name is neither a zoo model nor a local checkpoint directory."""
+    """The name is neither a zoo model, a local checkpoint directory nor a reachable hub id."""
 
 
 def zoo_names() -> list[str]:
@@ -47,23 +50,31 @@ def zoo_names() -> list[str]:
     return [*_SHIPPED, *(f"{TINY_PREFIX}{family}" for family in TINY_FAMILIES)]
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint directory behind ``name_or_path``, or ``None`` for a ``tiny:`` model."""
+def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path | str | None:
+    """Where :func:`load` reads ``name_or_path`` from: a checkpoint directory, a hub id (a string,
+    resolved by transformers), or ``None`` for a ``tiny:`` model."""
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
         return None
-    path = shipped_path(*_SHIPPED[name]) if name in _SHIPPED else Path(name).expanduser()
-    if not path.is_dir():
-        raise ModelNotFoundError(
-            f"{name!r} is not a model: no directory {path} exists. Pass a local Hugging Face checkpoint "
-            f"directory (moelens never downloads from a hub) or one of: {', '.join(zoo_names())}."
-        )
-    if not (path / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"{path} is not a Hugging Face checkpoint: it has no config.json. Point at the folder that "
-            "holds config.json and the weights (*.safetensors)."
-        )
-    return path
+    if name in _SHIPPED:
+        return shipped_path(*_SHIPPED[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is not a Hugging Face checkpoint: it has no config.json. Point at the folder that "
+                "holds config.json and the weights (*.safetensors)."
+            )
+        return path
+    if _HUB_ID.fullmatch(name):
+        return name
+    raise ModelNotFoundError(
+        f"{name!r} is not a model: no directory {path} exists and it is not a hub id (org/name). Pass a "
+        f"checkpoint directory, a Hugging Face hub id, or one of: {', '.join(zoo_names())}."
+    )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load(
@@ -73,19 +84,26 @@ def load(
     dtype: str | Any | None = None,
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    **from_pretrained: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode and check it is a supported MoE model.
 
     Args:
-        name_or_path: ``"moelens-tiny"``, ``"tiny:<family>"`` or a checkpoint directory.
+        name_or_path: ``"moelens-tiny"``, ``"tiny:<family>"``, a checkpoint directory or a hub id.
         device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ignored with ``device_map``.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or ``None`` for float32
             (exact comparisons and CPU kernels want float32; use bfloat16 on GPUs for large models).
-        device_map: passed to transformers (e.g. ``"auto"`` to spread a large model over GPUs).
+        device_map: passed to transformers (``"auto"``, or a {module: device} mapping where a device
+            may be ``"cpu"`` or ``"disk"``: offloading needs ``offload_folder`` and the
+            ``moelens[big]`` extra, i.e. accelerate).
         trust_remote_code: allow custom modelling code shipped with the checkpoint (off by default).
+        **from_pretrained: every other ``from_pretrained`` option, forwarded as is
+            (``offload_folder``, ``max_memory``, ``quantization_config``, ``revision``,
+            ``attn_implementation``, ``experts_implementation``...); for checkpoints and hub ids only.
 
     Raises:
-        ModelNotFoundError: the name is not a zoo model and not a checkpoint directory.
+        ModelNotFoundError: the name is not a zoo model, not a checkpoint directory, or a hub id
+            that is neither in the local Hugging Face cache nor reachable.
         moelens.hooks.adapters.UnsupportedModelError: the model has no MoE layers or its family is
             not supported (the message names the supported families).
     """
@@ -96,6 +114,8 @@ def load(
     torch_dtype = _torch_dtype(dtype)
     checkpoint = resolve_checkpoint(name_or_path)
     if checkpoint is None:
+        if from_pretrained:
+            raise TypeError(f"tiny models are built, not loaded: {sorted(from_pretrained)} do not apply to {name_or_path!r}")
         from moelens.zoo.tiny import build_tiny
 
         model, tokenizer = build_tiny(str(name_or_path)[len(TINY_PREFIX) :])
@@ -103,10 +123,19 @@ def load(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        options = dict(dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code, **from_pretrained)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, **options)
+            revision = {"revision": from_pretrained["revision"]} if "revision" in from_pretrained else {}
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code, **revision)
+        except OSError as error:
+            if isinstance(checkpoint, Path):
+                raise
+            raise ModelNotFoundError(
+                f"hub id {checkpoint!r} could not be loaded: it is not in the local Hugging Face cache and the hub "
+                f"could not provide it ({error}). Download it while online (`huggingface-cli download {checkpoint}`), "
+                "check the id and revision, or pass a local checkpoint directory."
+            ) from None
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()

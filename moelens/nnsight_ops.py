@@ -71,6 +71,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
     for plan in bind(model, spec):
         envoy = _envoy(wrapper, module_name(model, plan.layer.router))
         logits, weights = envoy.output[0], envoy.output[1]
-        routed = route(logits.float(), plan.rule, correction_bias=plan.correction_bias, controls=plan.variants[0].controls)
+        correction_bias, (variant,) = plan.on(logits.device)
+        routed = route(logits.float(), plan.rule, correction_bias=correction_bias, controls=variant.controls)
         new_weights, new_indices = fill_empty_slots(*routed, plan.layer.num_experts)
         envoy.output = (logits, new_weights.to(weights.dtype), new_indices)

@@ -340,13 +340,14 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
 def _choice_bias(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[dict[int, torch.Tensor], str]:
     """Per MoE layer, the score-correction bias its router adds for choice only (DeepSeek-V3 and
     its kin), and the family's score function; ({}, "") for families without one."""
-    from moelens.hooks.adapters import adapter_for
+    from moelens.hooks.adapters import adapter_for, materialized
 
     adapter = adapter_for(model)
     if adapter.correction_bias_attr is None or adapter.rule is None:
         return {}, ""
-    biases = {layer.index: getattr(layer.router, adapter.correction_bias_attr, None) for layer in layers}
-    return {index: bias for index, bias in biases.items() if bias is not None}, adapter.routing_rule(model.config).score
+    attribute = adapter.correction_bias_attr
+    biases = {layer.index: materialized(layer.router, attribute) for layer in layers if hasattr(layer.router, attribute)}
+    return biases, adapter.routing_rule(model.config).score
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:

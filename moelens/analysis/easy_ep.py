@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from moelens.analysis._profiling_experts import TokenBatch, profiling_experts, token_batches
-from moelens.hooks.adapters import MoeLayer, moe_layers
+from moelens.hooks.adapters import MoeLayer, input_device, moe_layers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,7 +102,7 @@ def _domain_scores(
     """S(l, e) of every MoE layer (in ``layers`` order) over ``texts``: [E] float64 tensors."""
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     observers = {l.index: _Importance(l.num_experts, device) for l in layers}
     with ExitStack() as stack:
         for l in layers:

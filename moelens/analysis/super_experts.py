@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.analysis._profiling_experts import TokenBatch, profiling_experts, token_batches
-from moelens.hooks.adapters import MoeLayer, moe_layers
+from moelens.hooks.adapters import MoeLayer, input_device, moe_layers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -279,7 +279,7 @@ def _observe(
     """Run ``texts`` once, measuring expert maxima (with ``experts``), massive activations, sinks and loss."""
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     decoder_layers = _decoder_layers(model, layers)
     maxima = {l.index: _MaxOutputs(l.num_experts + (l.shared is not None), device) for l in layers} if experts else {}
     residual, sink, loss = _Residuals(len(decoder_layers), top_n), _Sinks(), _Loss()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, adapter_for, moe_layers
+from moelens.hooks.adapters import MoeLayer, adapter_for, materialized, moe_layers
 from moelens.hooks.steps import StepTokens, decoder_stack
 from moelens.interventions.spec import (
     Disable,
@@ -77,15 +77,36 @@ class _Variant:
 
 @dataclass(frozen=True)
 class _LayerPlan:
+    """One MoE layer's compiled routing. Controls are built on the CPU and copied, once per
+    device, to wherever the router computes (:meth:`on`): with ``device_map`` and offloading, a
+    router's parameters may sit on ``meta`` between calls, so nothing is placed at bind time."""
+
     layer: MoeLayer
     rule: RoutingRule
     correction_bias: torch.Tensor | None
     groups: tuple[_Group, ...]
     variants: tuple[_Variant, ...]  # one per combination of groups a token can be in
+    _placed: dict[Any, tuple[Any, tuple[_Variant, ...]]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def needs_steps(self) -> bool:
         return not all(group.universal for group in self.groups)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, tuple[_Variant, ...]]:
+        """(correction bias, variants) with every tensor on ``device`` (copied once per device)."""
+        import dataclasses
+
+        import torch
+
+        if device not in self._placed:
+            def moved(controls: RoutingControls) -> RoutingControls:
+                changes = {f.name: getattr(controls, f.name).to(device) for f in dataclasses.fields(controls)
+                           if isinstance(getattr(controls, f.name), torch.Tensor)}
+                return dataclasses.replace(controls, **changes)
+
+            bias = self.correction_bias.to(device) if self.correction_bias is not None else None
+            self._placed[device] = (bias, tuple(_Variant(v.members, moved(v.controls)) for v in self.variants))
+        return self._placed[device]
 
 
 @dataclass(frozen=True)
@@ -147,7 +168,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
             _LayerPlan(
                 layer=layer,
                 rule=rule,
-                correction_bias=getattr(layer.router, bias_attr) if bias_attr else None,
+                correction_bias=materialized(layer.router, bias_attr) if bias_attr else None,
                 groups=groups,
                 variants=variants,
             )
@@ -187,7 +208,6 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
     from moelens.kernels.routing import RoutingControls
 
     num_experts, index = layer.num_experts, layer.index
-    device = layer.router.weight.device if hasattr(layer.router, "weight") else None
     disable = torch.zeros(num_experts, dtype=torch.bool)
     drop = torch.zeros(num_experts, dtype=torch.bool)
     force = torch.zeros(num_experts, dtype=torch.bool)
@@ -251,11 +271,11 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
     if int(force.sum()) > rule.top_k:
         raise SpecError(f"force: {int(force.sum())} experts forced in layer {index}, but only top-k = {rule.top_k} slots exist")
     return RoutingControls(
-        logit_bias=bias.to(device) if bias.any() else None,
-        disable=disable.to(device) if disable.any() else None,
-        force=force.to(device) if force.any() else None,
-        drop=drop.to(device) if drop.any() else None,
-        multiplier=multiplier.to(device) if (multiplier != 1).any() else None,
+        logit_bias=bias if bias.any() else None,
+        disable=disable if disable.any() else None,
+        force=force if force.any() else None,
+        drop=drop if drop.any() else None,
+        multiplier=multiplier if (multiplier != 1).any() else None,
         **settings,
     )
 
@@ -290,18 +310,19 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) ->
     from moelens.kernels.routing import route
 
     logits = logits.float()
+    correction_bias, variants = plan.on(logits.device)
     if not plan.needs_steps:  # one universal group: the same controls for every token
-        (variant,) = plan.variants
-        return route(logits, plan.rule, correction_bias=plan.correction_bias, controls=variant.controls)
+        (variant,) = variants
+        return route(logits, plan.rule, correction_bias=correction_bias, controls=variant.controls)
     assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
     in_group = torch.stack([_group_mask(group, step) for group in plan.groups])  # [G, T]
     weights = indices = None
-    for variant in plan.variants:
+    for variant in variants:
         members = torch.zeros(len(plan.groups), dtype=torch.bool, device=in_group.device)
         members[list(variant.members)] = True
         mask = (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
         controls = dataclasses.replace(variant.controls, token_mask=mask)
-        w, i = route(logits, plan.rule, correction_bias=plan.correction_bias, controls=controls)
+        w, i = route(logits, plan.rule, correction_bias=correction_bias, controls=controls)
         if weights is None:  # tokens outside the mask are routed as the family does
             weights, indices = w, i
             continue

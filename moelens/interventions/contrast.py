@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moelens.hooks.adapters import input_device
 from moelens.interventions.apply import intervene
 from moelens.interventions.spec import Intervention, rank
 
@@ -77,7 +78,7 @@ def generate_contrast(
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     weak = weak if weak is not None else rank(2)
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
     batch = encoded["input_ids"].shape[0]
     input_ids = encoded["input_ids"].repeat(2, 1)  # [2B, S]: strong copies, then weak copies

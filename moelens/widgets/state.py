@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from moelens.hooks.adapters import input_device
 from moelens.interventions.spec import Disable, Force, Intervention, Reweight, SpecError, disable, force, reweight
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ class ExpertGridState:
 
         self.validate(model)
         spec = self.to_spec()
-        device = next(model.parameters()).device
+        device = input_device(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         def generate(batch: Mapping[str, torch.Tensor]) -> tuple[str, Tracer]:
