@@ -43,7 +43,8 @@ def _domain_experts(store: Any, domains: list[str], out: Path) -> dict[str, dict
     for domain in domains:
         table = analysis.ftri_scores(store, tag="domain", target=domain)
         table.to_csv(out / f"ftri_{domain}.csv", index=False)
-        analysis.write_html(analysis.heatmap(table, "difference"), out / f"ftri_{domain}.html")
+        title = f"fTRI: {domain} minus the other domains (prompt tokens)"
+        analysis.write_html(analysis.heatmap(table, "difference", title=title), out / f"ftri_{domain}.html")
         top = table.sort_values("difference", ascending=False).groupby("layer").head(EXPERTS_PER_LAYER)
         chosen[domain] = {int(layer): sorted(group["expert"].astype(int).tolist()) for layer, group in top.groupby("layer")}
         significant = int((table["q_value"] < 0.05).sum())

@@ -135,8 +135,8 @@ STEERING = [
         "on generated tokens only leaves the prompt's routing untouched."
     ),
     new_code_cell(
-        "from moelens.analysis.ftri import top_experts\n\n"
-        "boost_german = reweight(top_experts(ftri['de'], 8), 8.0, tokens='generated')\n"
+        "from moelens.analysis.ftri import specific_experts\n\n"
+        "boost_german = reweight(specific_experts(ftri['de'], 8), 8.0, tokens='generated')\n"
         "side_by_side(boost_german, manual_prompts)"
     ),
     new_markdown_cell(

@@ -305,7 +305,11 @@ def test_figures_embed_plotly_and_hold_the_expected_traces(marker_store, tmp_pat
     for name, (figure, kind) in figures.items():
         assert [trace.type for trace in figure.data] == [kind], name
         text = analysis.write_html(figure, tmp_path / f"{name}.html").read_text()
-        assert '<script src="http' not in text and "plotly.js v" in text and len(text) > 1_000_000, name
+        # offline by default, plotly.js once beside the files rather than 4.8 MB in each
+        assert '<script src="http' not in text and 'src="plotly.min.js"' in text and len(text) < 100_000, name
+    assert "plotly.js v" in (tmp_path / "plotly.min.js").read_text()
+    inline = analysis.write_html(figures["bars"][0], tmp_path / "inline" / "bars.html", plotlyjs="inline").read_text()
+    assert "plotly.js v" in inline and len(inline) > 1_000_000 and not (tmp_path / "inline" / "plotly.min.js").exists()
     heat = figures["heatmap"][0].data[0]
     assert np.asarray(heat.z).shape == (2, EXPERTS) and heat.z[0][3] == pytest.approx(2 / 3)
     assert len(figures["bars"][0].data[0].y) == 5
@@ -501,3 +505,17 @@ def test_npmi_interval_by_hand_and_its_coverage():
     low, high = npmi_interval(draws, np.full(4000, 1000.0), np.full(4000, 30.0), np.full(4000, 10000.0))
     covered = (low <= 0) & (high >= 0)
     assert 0.92 < covered.mean() < 0.99
+
+
+def test_ftri_specs_and_marks_take_only_experts_the_target_over_uses(planted_domains):
+    store, *_ = planted_domains
+    table = analysis.ftri_scores(store, "domain", "a", permutations=0)
+    positive = table[table["difference"] > 0]
+    assert 0 < len(positive) < len(table)
+    from moelens.analysis.ftri import specific_experts
+
+    marked = specific_experts(table, len(table))  # ask for every row: only the over-used come back
+    assert sum(len(e) for e in marked.values()) == len(positive)
+    assert {(l, e) for l, es in marked.items() for e in es} == set(zip(positive["layer"], positive["expert"]))
+    spec = analysis.ftri_spec(table, len(table)).to_dict()["interventions"][0]
+    assert sum(len(v) for v in spec["experts"].values()) == len(positive)

@@ -202,8 +202,13 @@ def test_view_marks_the_top_ftri_experts(qwen):
 
     model, tokenizer = qwen
     layer = min(ExpertGridState.from_model(model).layers)
-    ranked = pd.DataFrame({"layer": [layer, layer, layer], "expert": [5, 1, 9]})  # an fTRI table's ranking columns
+    # an fTRI table's ranking columns; expert 9 is used LESS by the domain
+    ranked = pd.DataFrame({"layer": [layer, layer, layer], "expert": [5, 1, 9], "difference": [0.3, 0.1, -0.2]})
     view = ExpertGrid(model, tokenizer, ftri_tables={"python": ranked})
     view.ftri_count.value = 2
+    view.ftri_button.click()
+    assert view.state.experts("disabled") == {layer: [1, 5]}
+    view.state.clear()
+    view.ftri_count.value = 3  # more than the domain over-uses: 9 stays on
     view.ftri_button.click()
     assert view.state.experts("disabled") == {layer: [1, 5]}

@@ -330,6 +330,12 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     return q
 
 
+def specific_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
+    """The first ``n`` rows of an :func:`ftri_scores` table whose ``difference`` is positive (the
+    target uses them more), as {layer: [experts]}: fewer than ``n`` when fewer are over-used."""
+    return top_experts(table[table["difference"] > 0], n)
+
+
 def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
     """The first ``n`` rows of a ranked table as {layer: [experts]} (shared by the spec helpers)."""
     chosen: dict[int, list[int]] = {}
@@ -339,7 +345,8 @@ def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
 
 
 def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: Any) -> Intervention:
-    """An intervention on the top ``n`` experts per layer of an :func:`ftri_scores` table (in its row order).
+    """An intervention on the first ``n`` (layer, expert) rows of an :func:`ftri_scores` table
+    whose difference is positive (:func:`specific_experts`).
 
     Kinds:
         ``"switch_off"`` (default, MoTE's): the experts stay selected but their weight is zeroed and
@@ -360,4 +367,4 @@ def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: An
     }
     if kind not in builders:
         raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
-    return builders[kind](top_experts(table, n), **options)
+    return builders[kind](specific_experts(table, n), **options)
