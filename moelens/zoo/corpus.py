@@ -195,9 +195,15 @@ def _packages_for(lang: str) -> str:
 def _render_man_page(path: Path) -> str:
     """Plain text of one man page, without header/footer lines and credit sections."""
     env = {**os.environ, **_MAN_ENV}
-    # man picks the page's encoding from its path and feeds groff through preconv
-    proc = subprocess.run(f"man --nh --nj -l '{path}' 2>/dev/null | col -bx", shell=True,
-                          capture_output=True, env=env, timeout=60)
+    # man picks the page's encoding from its path and feeds groff through preconv; `man | col -bx`
+    # as two processes joined by a pipe: argument lists, no shell, so any file name is safe
+    with subprocess.Popen(["man", "--nh", "--nj", "-l", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, env=env) as man:
+        try:
+            proc = subprocess.run(["col", "-bx"], stdin=man.stdout, capture_output=True, env=env, timeout=60)
+        finally:
+            man.stdout.close()  # col has read it all (or timed out): man must not block on a full pipe
+            man.kill()
     lines = proc.stdout.decode("utf-8", "replace").splitlines()
     if len(lines) < 6:
         return ""
