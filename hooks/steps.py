@@ -62,8 +62,9 @@ class StepTokens:
         once, then padding) while other rows go on, with its attention mask extended by ones: those
         tokens never exist in the row's text. On a decode step, a row ends at the first fed token
         in ``end_token_ids`` [n]; that token and every later one of the row are not real.
-        ``ended`` [B] says which rows ended in earlier steps (``None``: none). Prompt tokens
-        (prefill) are never cut: an EOS the user wrote is part of the prompt.
+        ``ended`` [B] says which rows ended in earlier steps (``None``: none); ``end_token_ids``
+        should already be on the tokens' device (a copy here would block at every step). Prompt
+        tokens (prefill) are never cut: an EOS the user wrote is part of the prompt.
 
         Returns the updated tokens and the new ``ended`` [B] (device ops only, no sync).
         """
@@ -73,7 +74,7 @@ class StepTokens:
         ended = torch.zeros(batch, dtype=torch.bool, device=self.real.device) if ended is None else ended
         if not self.generated or self.input_ids is None:
             return self, ended
-        hit = torch.isin(self.input_ids, end_token_ids.to(self.input_ids.device)) & self.real  # [B, S]
+        hit = torch.isin(self.input_ids, end_token_ids) & self.real  # [B, S]
         after = (hit.long().cumsum(dim=1) > 0) | ended[:, None]  # [B, S] at or after the row's end
         return replace(self, real=self.real & ~after), after[:, -1]
 

@@ -309,7 +309,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
         transformers_version=transformers.__version__,
         collection=collection,
         intervention=intervention.to_dict() if intervention is not None else None,
-        special_token_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ())),
+        special_token_ids=store.special_token_ids_of(tokenizer),
     )
 
 

@@ -159,6 +159,11 @@ class Manifest:
         return (self.model, self.config_hash, self.family, self.layout, self.intervention)
 
 
+def special_token_ids_of(tokenizer: Any) -> list[int]:
+    """The tokenizer's special token ids, sorted (what traces and manifests record; [] without one)."""
+    return sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
+
+
 class StoreLockedError(StoreError):
     """Another live process holds the store's writer lock."""
 
@@ -211,13 +216,6 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-    def __enter__(self) -> WriterLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 def _lock_holder(fd: int) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens.hooks.adapters import MoeLayer, moe_layers
 from moelens.hooks.steps import StepTokens, decoder_stack
-from moelens.store import StoreLayout, TraceTables, widen_half_floats
+from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
 
 if TYPE_CHECKING:
     import duckdb
@@ -77,7 +77,7 @@ class Tracer(TraceTables):
         self._end_token_ids = _end_token_ids(model, tokenizer, end_token_ids)
         self._layout = layout
         self.tokenizer = tokenizer
-        self.special_token_ids: list[int] = sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
+        self.special_token_ids: list[int] = special_token_ids_of(tokenizer)
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
         self._choice_bias, self._choice_score = _choice_bias(model, self.layers)
@@ -128,6 +128,8 @@ class Tracer(TraceTables):
         if not tokens.generated or self._session is None or self._session.batch_size != batch:
             self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
         if self._end_token_ids is not None:
+            if self._end_token_ids.device != tokens.real.device:  # copied once, not at every step (a blocking copy)
+                self._end_token_ids = self._end_token_ids.to(tokens.real.device)
             tokens, self._session.ended = tokens.end_rows(self._session.ended, self._end_token_ids)
         self._current = _Step(prompt_ids=self._session.prompt_ids, tokens=tokens)
 

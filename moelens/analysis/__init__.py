@@ -8,7 +8,7 @@ plotly) on first use (PEP 562). Every analysis takes a trace (``moelens.read_tra
     from moelens import analysis
     table = analysis.ftri_scores(store, tag="domain", target="code")
     analysis.write_html(analysis.heatmap(table, "difference"), "ftri.html")
-    spec = analysis.ftri_spec(table, 10)   # MoTE's switch-off of the top 10 per layer
+    spec = analysis.ftri_spec(table, 10)   # MoTE's switch-off of the 10 most target-specific experts
 """
 
 from __future__ import annotations

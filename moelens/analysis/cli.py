@@ -105,7 +105,7 @@ def _permutations(value: str) -> int | str:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0 (got {value!r})") from None
+        number = -1
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 0 (got {value!r})")
     return number

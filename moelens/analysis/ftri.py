@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.analysis.stats import check_tags, connection, literal, moe_layout, quote
-from moelens.analysis.token_filter import PROMPT_TOKENS, TokenFilter, filtered_tokens
+from moelens.analysis.token_filter import PROMPT_TOKENS, TokenFilter, filtered_routes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,7 +69,8 @@ def ftri_scores(
         one row per (layer, expert), sorted by ``difference`` (most target-specific first), columns
         ``rank, layer, expert, target_rate, reference_rate, difference, log_odds, p_value,
         permutations_used, q_value, target_prompts, reference_prompts``: ``target_rate`` is the
-        mean over target prompts of their activation rate (selections / counted tokens), ``reference_rate`` the mean over reference groups of each group's
+        mean over target prompts of their activation rate (selections / counted tokens),
+        ``reference_rate`` the mean over reference groups of each group's
         mean rate, ``difference`` their difference (the fTRI score), ``log_odds`` the log odds ratio
         of selection per token with all tokens of each side pooled, ``p_value`` the two-sided
         permutation p-value of ``difference`` and ``q_value`` its Benjamini-Hochberg adjustment.
@@ -158,8 +159,7 @@ def _prompt_rates(
     else:
         # all prompts are aggregated and the unchosen ones dropped below: a join restricting the
         # scan to the chosen prompts costs more than the extra groups
-        routes = f"routes AS r JOIN ({filtered_tokens(tables, tokens)}) AS t USING (prompt_id, position)" if predicate else "routes"
-        counts = handle.sql(f"SELECT prompt_id, layer, expert, count(*) AS selections FROM {routes} GROUP BY ALL").fetchnumpy()
+        counts = handle.sql(f"SELECT prompt_id, layer, expert, count(*) AS selections FROM {filtered_routes(tables, tokens)} GROUP BY ALL").fetchnumpy()
         rows = _rows_of(prompt_ids, np.asarray(counts["prompt_id"]))
         chosen_rows = rows >= 0
         columns = layer_index[np.asarray(counts["layer"], dtype=np.int64)] * num_experts + np.asarray(counts["expert"], dtype=np.int64)
@@ -263,8 +263,6 @@ def permutation_budget(num_features: int, alpha: float = 0.05) -> int:
     """Permutations needed so that BH at level ``alpha`` over ``num_features`` tests can reach
     significance with margin: the smallest p-value a permutation test gives, 1 / (B + 1), must lie
     well below alpha / m, the BH threshold of the best-ranked feature; B = ceil(20 m / alpha)."""
-    import math
-
     return math.ceil(20 * num_features / alpha)
 
 
@@ -279,10 +277,11 @@ def _permutation_p_values(
     L the permutations it used) or the permutations end (then p = (g + 1) / (L + 1), g its
     exceedances). They end at the budget B = ``permutations``, or earlier once ``max_work``
     multiply-adds were spent. Default W: what the features far from significance cost to stop
-    (with uniform p-values, about h (1 + ln(B / h)) permutations each, h = ``stop_after``), plus four
-    times what one feature costs at the full budget, 4 P B. Why that bound suffices: the n features still running share the floor p = 1 / L with
-    L ~ W / (P n), and BH gives each q = p x m / n ~ P m / W, whatever n; with W = 4 P B = 80 P m /
-    0.05 that is 0.05 / 80. So many strong effects stop early, few are taken to the full budget.
+    (with uniform p-values, about h (1 + ln(B / h)) permutations each, h = ``stop_after``), plus
+    four times what one feature costs at the full budget, 4 P B. Why that bound suffices: the n
+    features still running share the floor p = 1 / L with L ~ W / (P n), and BH gives each
+    q = p x m / n ~ P m / W, whatever n; with W = 4 P B = 80 P m / 0.05 that is 0.05 / 80. So many
+    strong effects stop early, few are taken to the full budget.
     Only the running features are multiplied: memory stays at one batch.
     """
     import numpy as np

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens.analysis.ftri import top_experts
 from moelens.analysis.stats import check_tags, literal, moe_layout, one_row, query, quote, with_counted
-from moelens.analysis.token_filter import ALL_TOKENS, TokenFilter, filtered_tokens
+from moelens.analysis.token_filter import ALL_TOKENS, TokenFilter, filtered_routes, filtered_tokens
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,8 +120,7 @@ def condition_counts(
         raise ValueError("at most 62 conditions per call (they share one 64-bit mask)")
     mask = " + ".join(f"(CASE WHEN {pred} THEN {1 << i} ELSE 0 END)" for i, pred in enumerate(predicates))
     prompts_join = "LEFT JOIN prompts AS p ON p.prompt_id = t.prompt_id" if prompt_tags else ""
-    counted = filtered_tokens(tables, tokens)
-    flagged = f"SELECT t.prompt_id, t.position, ({mask})::BIGINT AS flags FROM ({counted}) AS t {prompts_join}"
+    flagged = f"SELECT t.prompt_id, t.position, ({mask})::BIGINT AS flags FROM ({filtered_tokens(tables, tokens)}) AS t {prompts_join}"
 
     def satisfied(flags: str) -> str:
         """One count per condition: c0, c1, ..."""
@@ -131,8 +130,7 @@ def condition_counts(
     # two scans, each grouped by (layer, expert) only (a direct-indexed aggregation): all selections,
     # then an inner join with the satisfying tokens, whose small build side keeps the probe cheap;
     # a single LEFT JOIN pass is slower than both together
-    routes = f"routes AS r JOIN ({counted}) AS t USING (prompt_id, position)" if tokens.predicate(tables) else "routes"
-    expert_counts = query(tables, f"SELECT layer, expert, count(*) AS expert_count FROM {routes} GROUP BY ALL")
+    expert_counts = query(tables, f"SELECT layer, expert, count(*) AS expert_count FROM {filtered_routes(tables, tokens)} GROUP BY ALL")
     joint_counts = query(
         tables,
         f"""

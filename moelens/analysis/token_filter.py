@@ -85,3 +85,11 @@ def filtered_tokens(tables: TraceTables, tokens: TokenFilter) -> str:
     """SQL: the ``tokens`` rows (``prompt_id, position``, and the rest) that ``tokens`` counts."""
     predicate = tokens.predicate(tables, "t")
     return f"SELECT * FROM tokens AS t{f' WHERE {predicate}' if predicate else ''}"
+
+
+def filtered_routes(tables: TraceTables, tokens: TokenFilter) -> str:
+    """SQL for a FROM clause: the ``routes`` rows whose token ``tokens`` counts (plain ``routes``
+    when it counts every token)."""
+    if tokens.predicate(tables) is None:
+        return "routes"
+    return f"routes AS r JOIN ({filtered_tokens(tables, tokens)}) AS t USING (prompt_id, position)"

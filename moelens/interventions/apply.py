@@ -117,9 +117,9 @@ class _Entry:
     rows: Rows | None
 
 
-def bind(model: nn.Module, spec: Intervention, *, rows: slice | None = None) -> list[_LayerPlan]:
+def bind(model: nn.Module, spec: Intervention) -> list[_LayerPlan]:
     """Check ``spec`` against ``model`` and compile it per MoE layer (raises :class:`SpecError`)."""
-    return _bind(model, [_Entry(spec, _rows(rows))])
+    return _bind(model, [_Entry(spec, None)])
 
 
 def _rows(rows: slice | None) -> Rows | None:
