@@ -191,7 +191,13 @@ class WriterLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # the holder writes its record just after taking the lock: give it a moment to appear
             holder = _lock_holder(fd)
+            for _ in range(50):
+                if holder != "unknown holder":
+                    break
+                time.sleep(0.02)
+                holder = _lock_holder(fd)
             os.close(fd)
             raise StoreLockedError(
                 f"{self.path.parent} is being written by another moelens process ({holder}). Two writers "
