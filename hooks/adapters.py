@@ -1,66 +1,40 @@
-"""Family adapters: where each MoE family keeps its routers and experts, and how it routes.
+"""The model view: where a model keeps its MoE layers, found from the module tree, not from a table.
 
-An adapter is data, not code paths: attribute names of the MoE block inside a decoder layer, and a
-:class:`RoutingRule` built from the model config. Everything that observes or steers routing goes
-through :func:`adapter_for` and :func:`moe_layers`, so supporting a new family means adding one
-entry to ``_ADAPTERS``.
+transformers 5.x MoE families share conventions, and this module reads those instead of a list of
+family names, so a family added by a later transformers release that follows them is covered
+without a code change:
 
-Every supported router is a module whose forward returns ``(router_logits [T, E],
-weights [T, k], indices [T, k])``: the weights the experts actually use, after the family's own
-normalisation and scaling.
+* **experts**: a module whose class went through transformers' ``use_experts_implementation``
+  (recognised by the attributes that decorator sets) or, failing that, a module named ``experts``
+  holding 3-D fused weights ``[E, ...]``. Its forward receives ``(hidden_states, top_k_index,
+  top_k_weights)``: what the routing decided, after everything the family's block did to it.
+* **MoE block**: the experts' parent module.
+* **router**: the block's child whose parameters include an ``[E, hidden]`` matrix (the scoring
+  weights), preferring a child named ``router`` or ``gate``.
+* **shared expert**: a block child whose name starts with ``shared`` and holds parameters other
+  than a one-output gate.
+* **decoder layer**: the index, in the text decoder stack's ``layers`` list, of the layer holding
+  the block. Multimodal models: only the text stack; hybrid stacks: only layers with experts.
+
+Everything that needs the model's structure asks :func:`moe_view` (built once per model and
+cached), so the model is discovered once. How a layer *routes* (its :class:`RoutingRule`) is not
+read from names either: :mod:`moelens.hooks.routing_check` infers it from the config and verifies
+it against the model's own routing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from moelens.kernels.routing import RoutingRule
-
-WeightsDtype = Literal["float32", "logits", "hidden"]
-
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Mixture-of-Experts model moelens knows how to read."""
-
-
-@dataclass(frozen=True)
-class FamilyAdapter:
-    """How one transformers MoE family is laid out.
-
-    Attributes:
-        family: the config's ``model_type``.
-        block_attr: attribute of a decoder layer that holds the MoE block (dense layers hold an MLP there).
-        router_attr: attribute of the MoE block holding the router module.
-        experts_attr: attribute of the MoE block holding the fused experts (3-D weights).
-        shared_attr: attribute of the MoE block holding an always-on shared expert MLP, if any.
-        weights_dtype: the dtype the family's router returns its weights in.
-        rule: builds the family's routing rule from the config; ``None`` when the family's routing
-            is not a top-k rule the routing kernel can reproduce (interventions are then refused).
-        correction_bias_attr: router buffer holding a score-correction bias used for choice only.
-    """
-
-    family: str
-    block_attr: str
-    router_attr: str
-    experts_attr: str = "experts"
-    shared_attr: str | None = None
-    weights_dtype: WeightsDtype = "logits"
-    rule: Callable[[Any], RoutingRule] | None = None
-    correction_bias_attr: str | None = None
-
-    def routing_rule(self, config: Any) -> RoutingRule:
-        if self.rule is None:
-            raise UnsupportedModelError(
-                f"{self.family} routes with a rule moelens cannot re-implement (e.g. PhiMoE's sparsemixer); "
-                "tracing works, interventions on this family are not available."
-            )
-        return self.rule(config)
+    """The model is not a Mixture-of-Experts model moelens can read (or steer)."""
 
 
 @dataclass(frozen=True)
@@ -75,146 +49,175 @@ class MoeLayer:
     shared: nn.Module | None
     num_experts: int
     top_k: int
+    correction_bias: str | None = None  # router tensor [E] added to the scores for choice only (DeepSeek-V3 kin)
 
 
-def _rule(**fixed: Any) -> Callable[[Any], RoutingRule]:
-    def build(config: Any) -> RoutingRule:
-        from moelens.kernels.routing import RoutingRule
+@dataclass(frozen=True, eq=False)
+class MoeView:
+    """A model's MoE structure, discovered once (:func:`moe_view`)."""
 
-        return RoutingRule(top_k=config.num_experts_per_tok, **{k: v(config) if callable(v) else v for k, v in fixed.items()})
-
-    return build
-
-
-def _norm_topk(config: Any) -> bool:
-    return bool(getattr(config, "norm_topk_prob", False))
+    model_type: str
+    stack: nn.Module  # the text decoder stack: owns ``layers``, one forward per step
+    num_decoder_layers: int
+    layers: tuple[MoeLayer, ...]
+    text_config: Any
 
 
-def _deepseek_v2_rule(config: Any) -> RoutingRule:
-    from moelens.kernels.routing import RoutingRule
+_VIEWS: weakref.WeakKeyDictionary[Any, MoeView] = weakref.WeakKeyDictionary()
 
-    grouped = config.topk_method == "group_limited_greedy"
-    return RoutingRule(
-        top_k=config.num_experts_per_tok,
-        score="softmax",
-        scaling=float(config.routed_scaling_factor),
-        n_group=config.n_group if grouped else 1,
-        topk_group=config.topk_group if grouped else 1,
-        group_score="max",
-    )
+# config attributes that hold a family's top-k, in the order they are trusted
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
 
 
-def _deepseek_v3_rule(config: Any) -> RoutingRule:
-    from moelens.kernels.routing import RoutingRule
-
-    return RoutingRule(
-        top_k=config.num_experts_per_tok,
-        score="sigmoid",
-        renormalize=bool(config.norm_topk_prob),
-        scaling=float(config.routed_scaling_factor),
-        n_group=config.n_group,
-        topk_group=config.topk_group,
-        group_score="top2_sum",
-    )
-
-
-_ADAPTERS: dict[str, FamilyAdapter] = {
-    a.family: a
-    for a in (
-        FamilyAdapter("mixtral", "mlp", "gate", weights_dtype="float32", rule=_rule(score="softmax", renormalize=True)),
-        FamilyAdapter(
-            "qwen2_moe", "mlp", "gate", shared_attr="shared_expert", rule=_rule(score="softmax", renormalize=_norm_topk)
-        ),
-        FamilyAdapter("qwen3_moe", "mlp", "gate", rule=_rule(score="softmax", renormalize=_norm_topk)),
-        FamilyAdapter("olmoe", "mlp", "gate", rule=_rule(score="softmax", renormalize=_norm_topk)),
-        FamilyAdapter("deepseek_v2", "mlp", "gate", shared_attr="shared_experts", rule=_deepseek_v2_rule),
-        FamilyAdapter(
-            "deepseek_v3",
-            "mlp",
-            "gate",
-            shared_attr="shared_experts",
-            rule=_deepseek_v3_rule,
-            correction_bias_attr="e_score_correction_bias",
-        ),
-        FamilyAdapter("gpt_oss", "mlp", "router", rule=_rule(score="softmax", select_before_score=True)),
-        FamilyAdapter(
-            "granitemoe",
-            "block_sparse_moe",
-            "router",
-            weights_dtype="hidden",
-            rule=_rule(score="softmax", select_before_score=True),
-        ),
-        FamilyAdapter("phimoe", "mlp", "router"),
-    )
-}
-
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_ADAPTERS)
-
-
-def adapter_for(model: nn.Module) -> FamilyAdapter:
-    """The adapter of ``model``'s family, or an :class:`UnsupportedModelError` that says what to do."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = _ADAPTERS.get(str(model_type))
-    if adapter is None:
-        suspects = _router_like_modules(model)
-        hint = (
-            f" Modules that look like routers: {', '.join(suspects[:5])}{' ...' if len(suspects) > 5 else ''}."
-            if suspects
-            else " No module looks like an MoE router, so it is probably a dense model."
-        )
-        raise UnsupportedModelError(
-            f"moelens does not support model_type {model_type!r}. Supported families: "
-            f"{', '.join(SUPPORTED_FAMILIES)}.{hint} A new family needs one FamilyAdapter entry in "
-            "moelens.hooks.adapters."
-        )
-    return adapter
+def moe_view(model: nn.Module) -> MoeView:
+    """The MoE structure of ``model`` (cached per model object; raises :class:`UnsupportedModelError`)."""
+    view = _VIEWS.get(model)
+    if view is None:
+        view = _VIEWS[model] = _discover(model)
+    return view
 
 
 def moe_layers(model: nn.Module) -> list[MoeLayer]:
-    """The MoE layers of ``model`` in layer order; raises if the family is unsupported or has none."""
-    adapter = adapter_for(model)
-    layers = _decoder_layers(model)
-    config = _text_config(model)
+    """The MoE layers of ``model`` in layer order; raises if it has none moelens can read."""
+    return list(moe_view(model).layers)
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of ``model``'s text backbone (``config.text_config`` on multimodal models)."""
+    config = model.config
+    sub = getattr(config, "get_text_config", None)
+    return sub() if callable(sub) else getattr(config, "text_config", None) or config
+
+
+def _discover(model: nn.Module) -> MoeView:
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    stack = _text_stack(model)
+    config = text_config(model)
     found: list[MoeLayer] = []
-    for index, layer in enumerate(layers):
-        block = getattr(layer, adapter.block_attr, None)
-        router = getattr(block, adapter.router_attr, None)
-        experts = getattr(block, adapter.experts_attr, None)
-        if router is None or experts is None:
-            continue  # a dense layer
-        found.append(
-            MoeLayer(
-                index=index,
-                name=module_name(model, block),
-                block=block,
-                router=router,
-                experts=experts,
-                shared=getattr(block, adapter.shared_attr, None) if adapter.shared_attr else None,
-                num_experts=_num_experts(router, experts, config),
-                top_k=int(getattr(router, "top_k", None) or config.num_experts_per_tok),
-            )
+    skipped: list[str] = []
+    for index, decoder_layer in enumerate(stack.layers):
+        experts_modules = [m for m in decoder_layer.modules() if _is_experts(m)]
+        if not experts_modules:
+            continue  # a dense (or attention-only) layer
+        layer, why = _moe_layer(model, index, experts_modules[0], config)
+        if layer is None:
+            skipped.append(f"layer {index}: {why}")
+        else:
+            found.append(layer)
+    if skipped:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({model_type}) has experts whose router moelens cannot locate: {'; '.join(skipped)}. "
+            "Report the model type; an override in moelens.hooks.adapters can name the router."
         )
     if not found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} ({adapter.family}) has no MoE layers: every decoder layer's "
-            f"`{adapter.block_attr}` is a dense MLP (check mlp_only_layers / first_k_dense_replace / "
-            "decoder_sparse_step in its config)."
+        suspects = _router_like_modules(model)
+        hint = (
+            f" Modules that look like routers: {', '.join(suspects[:5])}{' ...' if len(suspects) > 5 else ''}, but no "
+            "experts module with fused [E, ...] weights sits beside them (an older per-expert ModuleList layout?)."
+            if suspects
+            else " No module looks like an MoE router, so it is probably a dense model"
+            " (or every layer is configured dense: check mlp_only_layers / first_k_dense_replace / decoder_sparse_step)."
         )
-    return found
+        raise UnsupportedModelError(f"{type(model).__name__} ({model_type}) has no MoE layers moelens can read.{hint}")
+    return MoeView(model_type, stack, len(stack.layers), tuple(found), config)
 
 
-def _text_config(model: nn.Module) -> Any:
-    config = model.config
-    return getattr(config, "text_config", None) or config
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _text_stack(model: nn.Module) -> nn.Module:
+    """The text decoder stack: the decoder's module owning ``layers`` (not a vision/audio tower)."""
     from torch import nn
 
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList):
-            return list(module)
-    raise UnsupportedModelError(f"{type(model).__name__} has no `layers` ModuleList of decoder layers.")
+    get_decoder = getattr(model, "get_decoder", None)
+    candidates = []
+    if callable(get_decoder):
+        try:
+            candidates.append(get_decoder())
+        except (AttributeError, NotImplementedError, ValueError):
+            pass
+    candidates.append(model)
+    for root in candidates:
+        for module in root.modules():
+            if isinstance(getattr(module, "layers", None), nn.ModuleList):
+                return module
+    raise UnsupportedModelError(f"{type(model).__name__} has no decoder stack with a `layers` ModuleList")
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """Fused experts: a class decorated with ``use_experts_implementation`` (it sets these
+    attributes at init), or a module holding 3-D weights under the conventional name."""
+    if hasattr(module, "_is_expert_parallel") and hasattr(module, "is_concatenated"):
+        return True
+    return type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def _moe_layer(model: nn.Module, index: int, experts: nn.Module, config: Any) -> tuple[MoeLayer | None, str]:
+    block_name = module_name(model, experts).rsplit(".", 1)[0]
+    block = model.get_submodule(block_name)
+    num_experts = _num_experts(experts)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    router = _router(block, experts, num_experts, hidden)
+    if router is None:
+        return None, f"no child of {block_name} ({type(block).__name__}) holds a [{num_experts}, {hidden}] scoring matrix"
+    shared = next(
+        (child for name, child in block.named_children() if name.startswith("shared") and _is_mlp(child, hidden)), None
+    )
+    top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None)
+    if not isinstance(top_k, int):
+        top_k = next((int(getattr(config, key)) for key in _TOP_K_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if not top_k:
+        return None, f"its top-k is neither a `top_k` attribute of {type(router).__name__} nor a config key ({', '.join(_TOP_K_KEYS)})"
+    return (
+        MoeLayer(
+            index=index,
+            name=block_name,
+            block=block,
+            router=router,
+            experts=experts,
+            shared=shared,
+            num_experts=num_experts,
+            top_k=int(top_k),
+            correction_bias=_correction_bias(router, num_experts),
+        ),
+        "",
+    )
+
+
+def _num_experts(experts: nn.Module) -> int:
+    value = getattr(experts, "num_experts", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    return int(fused[0].shape[0])
+
+
+def _scores_experts(module: nn.Module, num_experts: int, hidden: int) -> bool:
+    """Whether ``module`` (recursively) holds an [E, hidden] or [hidden, E] scoring matrix."""
+    shapes = {(num_experts, hidden), (hidden, num_experts)}
+    return any(tuple(p.shape) in shapes for p in module.parameters())
+
+
+def _router(block: nn.Module, experts: nn.Module, num_experts: int, hidden: int) -> nn.Module | None:
+    scoring = [
+        (name, child)
+        for name, child in block.named_children()
+        if child is not experts and not name.startswith("shared") and _scores_experts(child, num_experts, hidden)
+    ]
+    preferred = [child for name, child in scoring if name in ("router", "gate")]
+    if preferred or len(scoring) == 1:
+        return (preferred or [scoring[0][1]])[0]
+    return None
+
+
+def _is_mlp(module: nn.Module, hidden: int) -> bool:
+    """A shared expert computes in the hidden space: some weight has ``hidden`` on one side and more than one output."""
+    return any(p.dim() == 2 and hidden in p.shape and min(p.shape) > 1 for p in module.parameters())
+
+
+def _correction_bias(router: nn.Module, num_experts: int) -> str | None:
+    """A router tensor [E] other than a linear layer's own ``bias`` (which is already in the logits)."""
+    for name, tensor in [*router.named_buffers(recurse=False), *router.named_parameters(recurse=False)]:
+        if name != "bias" and tensor.dim() == 1 and tensor.shape[0] == num_experts and "bias" in name:
+            return name
+    return None
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -227,6 +230,16 @@ def input_device(model: nn.Module) -> torch.device:
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
     return embeddings.weight.device
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its offload hook's execution device, else its parameters' device."""
+    import torch
+
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(p.device for p in module.parameters())
 
 
 def materialized(module: nn.Module, name: str) -> torch.Tensor:
@@ -252,14 +265,6 @@ def module_name(model: nn.Module, target: nn.Module) -> str:
     raise LookupError("module is not part of the model")
 
 
-def _num_experts(router: nn.Module, experts: nn.Module, config: Any) -> int:
-    for source in (router, experts):
-        value = getattr(source, "num_experts", None)
-        if value:
-            return int(value)
-    return int(getattr(config, "n_routed_experts", None) or config.num_local_experts)
-
-
 def _router_like_modules(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
@@ -269,8 +274,35 @@ def _router_like_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def router_weights_dtype(adapter: FamilyAdapter, logits: torch.Tensor, hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the family's router returns its routing weights in."""
+def router_logits(output: Any, num_experts: int) -> torch.Tensor:
+    """[T, E] the router logits in a router's output: the output itself, or the first [.., E]
+    float tensor of the tuple it returns (``(logits, weights, indices)`` by transformers' convention)."""
     import torch
 
-    return {"float32": torch.float32, "logits": logits.dtype, "hidden": hidden.dtype}[adapter.weights_dtype]
+    for value in output if isinstance(output, tuple) else (output,):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[-1] == num_experts:
+            return value.reshape(-1, num_experts)
+    raise UnsupportedModelError(f"the router returned no [tokens, {num_experts}] logits tensor (got {type(output).__name__})")
+
+
+def experts_routing(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(top_k_index [T, k], top_k_weights [T, k]) from an experts module's forward arguments,
+    ``None`` when the experts are not called with routing (they receive pre-weighted inputs)."""
+    index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+    weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+    if index is None or weights is None or index.is_floating_point() or index.dim() != 2:
+        return None
+    return index, weights
+
+
+def with_experts_routing(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: torch.Tensor, weights: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The experts' forward arguments with the routing replaced (where the caller put it)."""
+    args, kwargs = list(args), dict(kwargs)
+    for position, name, value in ((1, "top_k_index", index), (2, "top_k_weights", weights)):
+        if name in kwargs:
+            kwargs[name] = value
+        else:
+            args[position] = value
+    return tuple(args), kwargs

@@ -90,13 +90,3 @@ def cached_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if callable(length):
             return int(length())
     return 0
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The module that owns the decoder ``layers`` (e.g. ``model.model``): one forward per step."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module
-    raise ValueError(f"{type(model).__name__} has no decoder stack with a `layers` ModuleList")

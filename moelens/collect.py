@@ -289,7 +289,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     import transformers
 
     import moelens
-    from moelens.hooks.adapters import adapter_for, moe_layers
+    from moelens.hooks.adapters import moe_layers, moe_view
     from moelens.tracer import store_layout
 
     layers = moe_layers(model)
@@ -302,7 +302,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     return store.Manifest(
         model=str(model_name),
         config_hash=hashlib.sha256(config_json.encode()).hexdigest(),
-        family=adapter_for(model).family,
+        family=moe_view(model).model_type,
         layout=store_layout(model, layers, prompt_id_type=id_type),
         moe_layers=[layer.index for layer in layers],
         moelens_version=moelens.__version__,

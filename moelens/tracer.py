@@ -2,16 +2,19 @@
 
 ``with moelens.trace(model) as tr: model(**batch)`` (or ``model.generate(...)``) records, for
 every real (non-padding) token and every MoE layer, the experts the router chose and the weights
-the model used, read from the router module's own output (never re-derived). Observation sites:
+the model used, read from what the experts module received (never re-derived). Observation sites:
 
 * a forward pre-hook and hook on the decoder stack (the module owning ``layers``): one *step*
   per forward call, carrying the token bookkeeping (which rows are padding, positions, whether
   the tokens are generated);
-* a forward hook on each MoE layer's router: ``(router_logits, weights, indices)``.
+* a forward pre-hook on each MoE layer's experts module: the ``top_k_index`` and
+  ``top_k_weights`` it is called with, i.e. the routing the model used, after everything the
+  family's block did to the router's output (exact for every family, whatever its router returns);
+* a forward hook on each MoE layer's router: its logits (for ``full_logits`` and the NaN check).
 
 Routing data stays on the model's device until the block ends, then moves to the host once.
-A step in which a router that should have fired did not raises :class:`TraceError`, so a replaced
-or compiled forward cannot silently record nothing.
+A step in which a router or experts module that should have fired did not raises
+:class:`TraceError`, so a replaced or compiled forward cannot silently record nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, moe_layers
-from moelens.hooks.steps import StepTokens, decoder_stack
+from moelens.hooks.adapters import MoeLayer, experts_routing, moe_layers, moe_view, router_logits
+from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
 
 if TYPE_CHECKING:
@@ -43,7 +46,8 @@ class _Step:
 
     prompt_ids: list[Any]  # one per batch row
     tokens: StepTokens
-    router_outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, E] router logits
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (index, weights) [T, k]
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Tracer(TraceTables):
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
         self._choice_bias, self._choice_score = _choice_bias(model, self.layers)
-        self._stack = decoder_stack(model)
+        self._stack = moe_view(model).stack
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
         self._steps: list[_Step] = []
@@ -99,7 +103,8 @@ class Tracer(TraceTables):
             self._handles.append(self._stack.register_forward_pre_hook(self._begin_step, with_kwargs=True))
             self._handles.append(self._stack.register_forward_hook(self._end_step, always_call=True))
             for layer in self.layers:
-                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
+                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
+                self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -142,13 +147,26 @@ class Tracer(TraceTables):
         except StopIteration:
             raise TraceError("the traced model saw more prompts than the prompt_ids given to trace()") from None
 
-    def _router_hook(self, layer_index: int) -> Any:
+    def _router_hook(self, layer: MoeLayer) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self._current is not None:  # None: the router ran outside the decoder stack's forward
+                self._current.logits[layer.index] = router_logits(output, layer.num_experts).detach()
+
+        return record
+
+    def _experts_hook(self, layer: MoeLayer) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             step = self._current
-            if step is None:  # the router ran outside the decoder stack's forward (e.g. a test calling it directly)
+            if step is None:
                 return
-            logits, weights, indices = output[0], output[1], output[2]
-            step.router_outputs[layer_index] = (logits.detach(), weights.detach(), indices.detach())
+            routing = experts_routing(args, kwargs)
+            if routing is None:
+                raise TraceError(
+                    f"layer {layer.index}: {type(module).__name__} was called without (top_k_index, top_k_weights); "
+                    "moelens reads the routing from those arguments"
+                )
+            index, weights = routing
+            step.routing[layer.index] = (index.detach(), weights.detach())
 
         return record
 
@@ -157,10 +175,10 @@ class Tracer(TraceTables):
         if step is None:
             return
         expected = [layer.index for layer in self.layers]
-        missing = [i for i in expected if i not in step.router_outputs]
+        missing = [i for i in expected if i not in step.routing or i not in step.logits]
         if missing:
             raise TraceError(
-                f"the routers of MoE layers {missing} did not fire during a forward pass of "
+                f"the routers or experts of MoE layers {missing} did not fire during a forward pass of "
                 f"{type(self.model).__name__}. Their block's forward was probably replaced (a hub kernel, "
                 "a fused MoE implementation) or the model was compiled. Trace the uncompiled eager model "
                 "(e.g. load with use_kernels=False) so moelens can read the routers' outputs."
@@ -176,7 +194,7 @@ class Tracer(TraceTables):
         layer_ids = [layer.index for layer in self.layers]
         host: list[dict[str, Any]] = []
         for step in self._steps:
-            outs = [step.router_outputs[i] for i in layer_ids]
+            outs = [(step.logits[i], step.routing[i][1], step.routing[i][0]) for i in layer_ids]
             tensors = {
                 "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
                 "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
@@ -341,15 +359,18 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
 
 def _choice_bias(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[dict[int, torch.Tensor], str]:
     """Per MoE layer, the score-correction bias its router adds for choice only (DeepSeek-V3 and
-    its kin), and the family's score function; ({}, "") for families without one."""
-    from moelens.hooks.adapters import adapter_for, materialized
+    its kin), and the score function of the model's verified rule; ({}, "") for models without
+    one, or whose rule the kernel does not reproduce (their ranks then follow the weights)."""
+    from moelens.hooks.adapters import materialized
+    from moelens.hooks.routing_check import routing_check
 
-    adapter = adapter_for(model)
-    if adapter.correction_bias_attr is None or adapter.rule is None:
+    biased = [layer for layer in layers if layer.correction_bias is not None]
+    if not biased:
         return {}, ""
-    attribute = adapter.correction_bias_attr
-    biases = {layer.index: materialized(layer.router, attribute) for layer in layers if hasattr(layer.router, attribute)}
-    return biases, adapter.routing_rule(model.config).score
+    check = routing_check(model)
+    if check.rule is None or not check.correction_bias:
+        return {}, ""
+    return {layer.index: materialized(layer.router, layer.correction_bias) for layer in biased}, check.rule.score
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:
@@ -369,10 +390,10 @@ def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | No
 
 def store_layout(model: nn.Module, layers: Sequence[MoeLayer], *, prompt_id_type: str = "uint32") -> StoreLayout:
     """The store layout (column types) for traces of ``model``."""
-    config = model.config
-    text_config = getattr(config, "text_config", None) or config
+    view = moe_view(model)
+    text_config = view.text_config
     return StoreLayout(
-        num_layers=int(text_config.num_hidden_layers),
+        num_layers=view.num_decoder_layers,
         num_experts=max(layer.num_experts for layer in layers),
         top_k=max(layer.top_k for layer in layers),
         max_positions=max(int(getattr(text_config, "max_position_embeddings", 0) or 1 << 16), 2),

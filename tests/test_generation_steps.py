@@ -124,25 +124,24 @@ def test_end_tokens_default_to_the_generation_config():
     assert everything.tokens.query("prompt_id == 0")["generated"].sum() == NEW_TOKENS - 1
 
 
-def _by_expert(router_output):
+def _by_expert(indices, weights):
     """(indices, weights) [T, k] with slots ordered by expert id (DeepSeek's own top-k is unsorted)."""
-    weights, indices = router_output[1], router_output[2]
     order = indices.argsort(dim=-1)
     return indices.gather(-1, order), weights.gather(-1, order).float()
 
 
-def _router_calls(model, layer):
-    """Record, per router call at ``layer``, the indices before and after intervention hooks:
-    call it inside the ``intervene`` block (the 'before' hook is prepended ahead of moelens')."""
+def _experts_calls(model, layer):
+    """Record, per experts call at ``layer``, the routing before and after intervention hooks:
+    call it inside the ``intervene`` block (the 'before' pre-hook is prepended ahead of moelens')."""
     calls: list[dict[str, torch.Tensor]] = []
 
-    def before(module, args, output):
-        calls.append({"tokens": args[0].reshape(-1, args[0].shape[-1]).shape[0], "raw": _by_expert(output)})
+    def before(module, args):
+        calls.append({"tokens": args[0].reshape(-1, args[0].shape[-1]).shape[0], "raw": _by_expert(args[1], args[2])})
 
-    def after(module, args, output):
-        calls[-1]["final"] = _by_expert(output)
+    def after(module, args):
+        calls[-1]["final"] = _by_expert(args[1], args[2])
 
-    return calls, [layer.router.register_forward_hook(before, prepend=True), layer.router.register_forward_hook(after)]
+    return calls, [layer.experts.register_forward_pre_hook(before, prepend=True), layer.experts.register_forward_pre_hook(after)]
 
 
 @pytest.mark.parametrize("scope", ["generated", "prompt"])
@@ -159,7 +158,7 @@ def test_token_scopes_act_on_exactly_their_steps(family, scope):
     in_scope_routes = routes[routes.generated == (scope == "generated")]
     busiest = in_scope_routes["expert"].value_counts().index[:2].tolist()
     with torch.no_grad(), intervene(model, disable({layer.index: busiest}, tokens=scope)):
-        calls, handles = _router_calls(model, layer)
+        calls, handles = _experts_calls(model, layer)
         try:
             _generate(model, batch, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
         finally:

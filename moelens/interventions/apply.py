@@ -1,13 +1,16 @@
 """Apply an intervention spec to a live model: ``with intervene(model, spec): ...``.
 
 Binding checks the spec against the model (layers, experts, top-k) and compiles each MoE layer's
-parts into the per-layer vectors of :class:`moelens.kernels.routing.RoutingControls`. Each model
+parts into the per-layer vectors of :class:`moelens.kernels.routing.RoutingControls`, under the
+model's routing rule as inferred and verified by :mod:`moelens.hooks.routing_check`. Each model
 has one intervention session: whatever the number of nested ``intervene`` blocks, it binds the
-union of the active specs and registers ONE forward hook per affected router (prepended, so any
-tracer sees the routing the model actually used) that re-routes from the router's own logits
-through :func:`moelens.kernels.routing.route`. A hook that re-routed on its own would discard what
-an outer block's hook did. No parameter or module is modified: leaving the last block removes the
-hooks, and the model is bitwise what it was, also when the body raised.
+union of the active specs and, per affected MoE layer, registers ONE hook pair: the router's
+forward hook keeps its logits, and a forward pre-hook on the experts module (prepended, so any
+tracer sees the routing the model actually used) replaces the ``top_k_index`` / ``top_k_weights``
+the experts receive by :func:`moelens.kernels.routing.route` of those logits. A hook that
+re-routed on its own would discard what an outer block's hook did. No parameter or module is
+modified: leaving the last block removes the hooks, and the model is bitwise what it was, also
+when the body raised.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, adapter_for, materialized, moe_layers
-from moelens.hooks.steps import StepTokens, decoder_stack
+from moelens.hooks.adapters import MoeLayer, experts_routing, materialized, moe_view, router_logits, with_experts_routing
+from moelens.hooks.routing_check import routing_check, verified_rule
+from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
     Force,
@@ -138,9 +142,9 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
     adding their specs. Every combination of groups that tokens can share is compiled here, so a
     conflict (two top-p values for the same tokens) is a :class:`SpecError` before anything runs.
     """
-    adapter = adapter_for(model)
-    layers = {layer.index: layer for layer in moe_layers(model)}
-    num_layers = len(decoder_stack(model).layers)
+    view = moe_view(model)
+    layers = {layer.index: layer for layer in view.layers}
+    num_layers = view.num_decoder_layers
     for entry in entries:
         for part in entry.spec.parts:
             for index in part.layers() or ():
@@ -157,18 +161,18 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
         if not grouped:
             continue
         # only a spec that changes routing needs the rule: tracing families without one stays possible
-        rule = adapter.routing_rule(model.config)  # raises for families whose routing the kernel cannot reproduce
+        rule = verified_rule(model)  # raises for models whose routing the kernel does not reproduce
         groups = tuple(grouped)
         variants = tuple(
             _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
             for members in _combinations(groups)
         )
-        bias_attr = adapter.correction_bias_attr
+        use_bias = routing_check(model).correction_bias and layer.correction_bias is not None
         plans.append(
             _LayerPlan(
                 layer=layer,
                 rule=rule,
-                correction_bias=materialized(layer.router, bias_attr) if bias_attr else None,
+                correction_bias=materialized(layer.router, layer.correction_bias) if use_bias else None,
                 groups=groups,
                 variants=variants,
             )
@@ -369,10 +373,14 @@ class _Session:
                 def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                     self._step["step"] = StepTokens.from_call(args, kwargs)
 
-                self._handles.append(decoder_stack(self.model).register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
+                self._handles.append(moe_view(self.model).stack.register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
             for plan in plans:
-                # prepended: a tracer's hook on the same router sees the routing the model used
-                self._handles.append(plan.layer.router.register_forward_hook(_router_hook(plan, self._step), prepend=True))
+                logits: dict[str, torch.Tensor] = {}
+                self._handles.append(plan.layer.router.register_forward_hook(_keep_logits(plan.layer, logits)))
+                # prepended: a tracer's hook on the same experts sees the routing the model used
+                self._handles.append(
+                    plan.layer.experts.register_forward_pre_hook(_reroute_hook(plan, logits, self._step), with_kwargs=True, prepend=True)
+                )
         except BaseException:
             self._remove_hooks()
             raise
@@ -413,11 +421,22 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
         session.pop(entry)
 
 
-def _router_hook(plan: _LayerPlan, current: dict[str, StepTokens | None]) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        logits, weights = output[0], output[1]
+def _keep_logits(layer: MoeLayer, kept: dict[str, torch.Tensor]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        kept["logits"] = router_logits(output, layer.num_experts)
+
+    return hook
+
+
+def _reroute_hook(plan: _LayerPlan, kept: dict[str, torch.Tensor], current: dict[str, StepTokens | None]) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        routing = experts_routing(args, kwargs)
+        logits = kept.pop("logits", None)
+        if routing is None or logits is None:
+            raise RuntimeError(f"layer {plan.layer.index}: the experts ran without their router's logits or routing arguments")
+        weights = routing[1]
         new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
-        return (logits, new_weights.to(weights.dtype), new_indices, *output[3:])
+        return with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))
 
     return hook
 

@@ -1,0 +1,316 @@
+"""A model's routing rule, inferred from its config and verified against its own routing.
+
+moelens steers a layer by re-routing its router logits through one routing kernel
+(:func:`moelens.kernels.routing.route`) parameterised by a :class:`RoutingRule`. That is only
+sound if the rule reproduces what the model does, so the rule is never taken on trust:
+
+1. **Observe.** Every MoE block is called on the same seeded random hidden rows (in the model's
+   dtype, on the block's device); hooks record the router's logits and the routing the experts
+   module actually received (``top_k_index``, ``top_k_weights``), after everything the family's
+   block did in between.
+2. **Infer.** Candidate rules are built from the config and the router (score function, top-k
+   before or after scoring, renormalisation, routed scaling, group-limited selection, a
+   score-correction bias); the config's own values come first.
+3. **Verify.** A rule is accepted when, at every MoE layer and on every token, the kernel chooses
+   the same experts (as a set; rows whose k-th and (k+1)-th choice scores tie within the dtype's
+   resolution are not compared) and gives the same weights within the dtype's tolerance.
+
+A family no candidate reproduces (a hash router, PhiMoE's sparsemixer, capacity limits...) is
+still traced exactly, since tracing reads the experts' inputs, but interventions are refused with
+what differed for the config's rule, e.g. "weights differ at layer 1: ...".
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moelens.hooks.adapters import (
+    MoeLayer,
+    UnsupportedModelError,
+    experts_routing,
+    execution_device,
+    materialized,
+    moe_view,
+    router_logits,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from moelens.kernels.routing import RoutingRule
+
+
+@dataclass(frozen=True)
+class RoutingCheck:
+    """The outcome of checking a routing rule against a model's own routing."""
+
+    rule: RoutingRule | None  # the verified rule; None when no candidate reproduces the model
+    correction_bias: bool  # whether the rule adds each router's score-correction bias to the choice
+    problem: str | None  # what differed (for the config's own rule), None when verified
+    tokens: int  # tokens compared at each MoE layer
+    candidates: int  # rules tried
+
+    @property
+    def verified(self) -> bool:
+        return self.rule is not None
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What one MoE layer did on the probe tokens (host, float32)."""
+
+    layer: MoeLayer
+    logits: torch.Tensor  # [T, E] the router's logits
+    index: torch.Tensor  # [T, k] the experts' top_k_index
+    weights: torch.Tensor  # [T, k] the experts' top_k_weights, as float32
+    weights_dtype: torch.dtype  # the dtype the experts received the weights in
+    correction_bias: torch.Tensor | None  # [E]
+
+
+_CHECKS: weakref.WeakKeyDictionary[Any, RoutingCheck] = weakref.WeakKeyDictionary()
+_PROBE_TOKENS = 32  # random hidden rows each MoE block routes in the check
+
+
+def routing_check(model: nn.Module) -> RoutingCheck:
+    """Infer and verify ``model``'s routing rule (once per model object; the result is cached)."""
+    check = _CHECKS.get(model)
+    if check is None:
+        check = _CHECKS[model] = _infer(model, _observe(model))
+    return check
+
+
+def verified_rule(model: nn.Module) -> RoutingRule:
+    """The routing rule the kernel reproduces ``model`` with, or :class:`UnsupportedModelError` saying what differed."""
+    check = routing_check(model)
+    if check.rule is None:
+        raise UnsupportedModelError(
+            f"{moe_view(model).model_type}: moelens traces this model exactly, but cannot steer it: no routing rule "
+            f"reproduces its routers ({check.candidates} rules inferred from its config tried on {check.tokens} tokens per "
+            f"layer). {check.problem}"
+        )
+    return check.rule
+
+
+def check_rule(model: nn.Module, rule: RoutingRule, *, correction_bias: bool = True) -> RoutingCheck:
+    """Check a given ``rule`` against ``model`` (not cached): ``problem`` says what differed."""
+    observed = _observe(model)
+    problem = _mismatch(rule, observed, correction_bias)
+    return RoutingCheck(rule if problem is None else None, correction_bias, problem, _tokens(observed), 1)
+
+
+def _tokens(observed: list[_Observed]) -> int:
+    return int(observed[0].index.shape[0])
+
+
+def _observe(model: nn.Module) -> list[_Observed]:
+    """Run every MoE block on seeded random hidden rows and record its router's logits and the
+    routing its experts received. The blocks are called directly (not the model), so hooks on the
+    decoder stack, such as an active tracer's, see no forward pass."""
+    import torch
+
+    view = moe_view(model)
+    seen: dict[int, dict[str, Any]] = {layer.index: {} for layer in view.layers}
+    handles = []
+
+    def on_router(layer: MoeLayer) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            seen[layer.index]["logits"] = router_logits(output, layer.num_experts).detach()
+
+        return hook
+
+    def on_experts(layer: MoeLayer) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen[layer.index]["routing"] = experts_routing(args, kwargs)
+
+        return hook
+
+    hidden_size = int(view.text_config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn((1, _PROBE_TOKENS, hidden_size), generator=generator)  # [1, T, H]
+    try:
+        for layer in view.layers:
+            handles.append(layer.router.register_forward_hook(on_router(layer)))
+            handles.append(layer.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
+        with torch.no_grad():
+            for layer in view.layers:
+                _call_block(layer, rows.to(execution_device(layer.router), _dtype(layer.router)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    observed = []
+    for layer in view.layers:
+        record = seen[layer.index]
+        if "logits" not in record or "routing" not in record:
+            raise UnsupportedModelError(
+                f"layer {layer.index}: the {'router' if 'logits' not in record else 'experts module'} did not run when "
+                f"{type(layer.block).__name__} was called; its forward was probably replaced (hub kernels): load with use_kernels=False"
+            )
+        if record["routing"] is None:
+            raise UnsupportedModelError(
+                f"layer {layer.index}: {type(layer.experts).__name__} is not called with (hidden_states, top_k_index, "
+                "top_k_weights), so the routing the experts use cannot be read or replaced"
+            )
+        index, weights = record["routing"]
+        bias = materialized(layer.router, layer.correction_bias).detach().float().cpu() if layer.correction_bias else None
+        observed.append(
+            _Observed(layer, record["logits"].float().cpu(), index.cpu(), weights.float().cpu(), weights.dtype, bias)
+        )
+    return observed
+
+
+def _call_block(layer: MoeLayer, rows: torch.Tensor) -> None:
+    """Call the MoE block on [1, T, H] rows (or [T, H] for blocks that take flat tokens)."""
+    try:
+        layer.block(rows)
+    except (RuntimeError, ValueError, TypeError) as batched_error:
+        try:
+            layer.block(rows[0])
+        except (RuntimeError, ValueError, TypeError):
+            raise UnsupportedModelError(
+                f"layer {layer.index}: {type(layer.block).__name__} cannot be called on hidden states alone "
+                f"({type(batched_error).__name__}: {batched_error}), so its routing rule cannot be checked"
+            ) from batched_error
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:
+    candidates = _candidates(moe_view(model).text_config, observed)
+    first_problem = None
+    for count, (rule, use_bias) in enumerate(candidates, start=1):
+        problem = _mismatch(rule, observed, use_bias)
+        if problem is None:
+            return RoutingCheck(rule, use_bias, None, _tokens(observed), count)
+        first_problem = first_problem or f"With the config's rule ({_describe(rule, use_bias)}): {problem}"
+    return RoutingCheck(None, False, first_problem, _tokens(observed), len(candidates))
+
+
+def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, bool]]:
+    """Rules to try, the config's own reading first: (rule, whether to add the correction bias)."""
+    from moelens.kernels.routing import RoutingRule
+
+    values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
+    num_experts = observed[0].layer.num_experts
+    has_bias = observed[0].correction_bias is not None
+    named_score = next((v for v in values.values() if v in ("softmax", "sigmoid")), None)
+    first_score = named_score or ("sigmoid" if has_bias else "softmax")
+    scores = [first_score, "softmax" if first_score == "sigmoid" else "sigmoid"]
+    renormalize = next(
+        (bool(v) for k, v in values.items() if isinstance(v, bool) and ("norm_topk" in k or "renormalize" in k)), False
+    )
+    scalings = [float(v) for k, v in values.items() if "scaling_factor" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    n_group = next((int(v) for k, v in values.items() if k in ("n_group", "num_expert_group", "moe_n_group") and v), 1)
+    topk_group = next((int(v) for k, v in values.items() if k in ("topk_group", "moe_topk_group") and v), 1)
+    groups: list[tuple[int, int, str]] = []
+    if n_group > 1 and num_experts % n_group == 0 and topk_group < n_group:
+        order = ["top2_sum", "max"] if first_score == "sigmoid" else ["max", "top2_sum"]
+        groups = [(n_group, topk_group, how) for how in order]
+    groups.append((1, 1, "max"))
+    top_k = int(observed[0].index.shape[1])
+    options = itertools.product(
+        scores,
+        (False, True),  # select_before_score
+        (renormalize, not renormalize),
+        dict.fromkeys([*scalings, 1.0]),
+        groups,
+        (True, False) if has_bias else (False,),
+    )
+    return [
+        (
+            RoutingRule(
+                top_k=top_k,
+                score=score,  # type: ignore[arg-type]
+                select_before_score=before,
+                renormalize=renorm,
+                scaling=scaling,
+                n_group=group[0],
+                topk_group=group[1],
+                group_score=group[2],  # type: ignore[arg-type]
+            ),
+            use_bias,
+        )
+        for score, before, renorm, scaling, group, use_bias in options
+        if not (before and (use_bias or group[0] > 1))  # the kernel defines bias and groups on scores only
+    ]
+
+
+def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool) -> str | None:
+    """What differs between the kernel under ``rule`` and the model's routing (None: nothing)."""
+    import torch
+
+    from moelens.kernels.routing import route
+
+    for seen in observed:
+        k = seen.index.shape[1]
+        if rule.top_k != k:
+            return f"top-k differs at layer {seen.layer.index}: the experts receive {k} experts per token, the rule selects {rule.top_k}"
+        bias = seen.correction_bias if use_bias else None
+        weights, index = route(seen.logits, rule, correction_bias=bias, impl="torch")
+        resolution = 1e-5 if seen.weights_dtype == torch.float32 else 1e-2
+        compared = ~_tied(seen.logits, rule, bias, k, resolution)  # [T]
+        if int(compared.sum()) < compared.numel() // 2:
+            return f"layer {seen.layer.index}: most probe tokens tie between their k-th and (k+1)-th expert, nothing to compare"
+
+        model_sets, rule_sets = seen.index.sort(dim=-1).values, index.sort(dim=-1).values
+        differs = (model_sets != rule_sets).any(dim=-1) & compared
+        if differs.any():
+            t = int(differs.nonzero()[0])
+            return (
+                f"experts differ at layer {seen.layer.index} on {int(differs.sum())} of {int(compared.sum())} tokens "
+                f"(token {t}: the model chose {model_sets[t].tolist()}, the rule {rule_sets[t].tolist()})"
+            )
+        model_w = seen.weights.gather(-1, seen.index.argsort(dim=-1))
+        rule_w = weights.gather(-1, index.argsort(dim=-1))
+        rtol, atol = (1e-4, 1e-5) if seen.weights_dtype == torch.float32 else (2e-2, 1e-3)
+        close = torch.isclose(model_w, rule_w, rtol=rtol, atol=atol).all(dim=-1) | ~compared
+        if not close.all():
+            t = int((~close).nonzero()[0])
+            return (
+                f"weights differ at layer {seen.layer.index} on {int((~close).sum())} of {int(compared.sum())} tokens "
+                f"(token {t}: the model's {_rounded(model_w[t])} sum to {model_w[t].sum():.4g}, the rule's "
+                f"{_rounded(rule_w[t])} to {rule_w[t].sum():.4g})"
+            )
+    return None
+
+
+def _tied(logits: torch.Tensor, rule: RoutingRule, bias: torch.Tensor | None, k: int, resolution: float) -> torch.Tensor:
+    """[T] rows whose k-th and (k+1)-th choice scores are equal within ``resolution`` (relative):
+    the model's and the kernel's arithmetic may pick either expert there."""
+    import torch
+
+    if k >= logits.shape[-1]:
+        return torch.zeros(logits.shape[0], dtype=torch.bool)
+    if rule.select_before_score:
+        choice = logits
+    else:
+        choice = torch.sigmoid(logits) if rule.score == "sigmoid" else torch.softmax(logits, dim=-1)
+        if bias is not None:
+            choice = choice + bias
+    top = choice.topk(k + 1, dim=-1).values
+    scale = top.abs().amax(dim=-1).clamp(min=1e-6)
+    return (top[:, k - 1] - top[:, k]).abs() <= resolution * scale
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def _describe(rule: RoutingRule, use_bias: bool) -> str:
+    parts = [f"{rule.score}", f"top-{rule.top_k}"]
+    if rule.select_before_score:
+        parts.append("selected on logits")
+    if rule.renormalize:
+        parts.append("renormalised")
+    if rule.scaling != 1.0:
+        parts.append(f"scaled by {rule.scaling:g}")
+    if rule.n_group > 1:
+        parts.append(f"{rule.topk_group} of {rule.n_group} groups by {rule.group_score}")
+    if use_bias:
+        parts.append("correction bias")
+    return ", ".join(parts)
