@@ -24,6 +24,7 @@ it against the model's own routing.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ class MoeLayer:
     shared: nn.Module | None
     num_experts: int
     top_k: int
-    correction_bias: str | None = None  # router tensor [E] added to the scores for choice only (DeepSeek-V3 kin)
+    correction_bias: str | None = None  # path from the block of a tensor [E] added to the scores for choice only (DeepSeek-V3 kin)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,7 +58,7 @@ class MoeView:
     """A model's MoE structure, discovered once (:func:`moe_view`)."""
 
     model_type: str
-    stack: nn.Module  # the text decoder stack: owns ``layers``, one forward per step
+    stack: nn.Module  # the text decoder stack: owns the decoder layers, one forward per step
     num_decoder_layers: int
     layers: tuple[MoeLayer, ...]
     text_config: Any
@@ -91,11 +92,14 @@ def text_config(model: nn.Module) -> Any:
 
 def _discover(model: nn.Module) -> MoeView:
     model_type = str(getattr(getattr(model, "config", None), "model_type", None))
-    stack = _text_stack(model)
+    try:
+        stack, decoder_layers = _text_stack(model)
+    except UnsupportedModelError:
+        stack, decoder_layers = None, []
     config = text_config(model)
     found: list[MoeLayer] = []
     skipped: list[str] = []
-    for index, decoder_layer in enumerate(stack.layers):
+    for index, decoder_layer in enumerate(decoder_layers):
         experts_modules = [m for m in decoder_layer.modules() if _is_experts(m)]
         if not experts_modules:
             continue  # a dense (or attention-only) layer
@@ -119,33 +123,42 @@ def _discover(model: nn.Module) -> MoeView:
             " (or every layer is configured dense: check mlp_only_layers / first_k_dense_replace / decoder_sparse_step)."
         )
         raise UnsupportedModelError(f"{type(model).__name__} ({model_type}) has no MoE layers moelens can read.{hint}")
-    return MoeView(model_type, stack, len(stack.layers), tuple(found), config)
+    assert stack is not None
+    return MoeView(model_type, stack, len(decoder_layers), tuple(found), config)
 
 
-def _text_stack(model: nn.Module) -> nn.Module:
-    """The text decoder stack: the decoder's module owning ``layers`` (not a vision/audio tower)."""
+def _text_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The text decoder stack and its list of decoder layers: the first ``ModuleList`` (under the
+    model's decoder, so not a vision or audio tower) whose layers hold experts, whatever its name
+    (``layers``, DBRX's ``blocks`` ...)."""
     from torch import nn
 
     get_decoder = getattr(model, "get_decoder", None)
-    candidates = []
+    roots = []
     if callable(get_decoder):
         try:
-            candidates.append(get_decoder())
+            roots.append(get_decoder())
         except (AttributeError, NotImplementedError, ValueError):
             pass
-    candidates.append(model)
-    for root in candidates:
-        for module in root.modules():
-            if isinstance(getattr(module, "layers", None), nn.ModuleList):
-                return module
-    raise UnsupportedModelError(f"{type(model).__name__} has no decoder stack with a `layers` ModuleList")
+    roots.append(model)
+    for root in roots:
+        for owner in root.modules():
+            for child in owner.children():
+                if isinstance(child, nn.ModuleList) and any(_is_experts(m) for m in child.modules()):
+                    return owner, child
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no list of decoder layers holding fused experts (a module whose class went through "
+        "transformers' use_experts_implementation, or an `...Experts` module with 3-D [E, ...] weights)"
+    )
 
 
 def _is_experts(module: nn.Module) -> bool:
     """Fused experts: a class decorated with ``use_experts_implementation`` (it sets these
-    attributes at init), or a module holding 3-D weights under the conventional name."""
+    attributes at init), a forward taking ``top_k_index``, or 3-D weights under the conventional name."""
     if hasattr(module, "_is_expert_parallel") and hasattr(module, "is_concatenated"):
         return True
+    if "top_k_index" in inspect.signature(type(module).forward).parameters:
+        return True  # the experts interface's calling convention without the decorator (DBRX)
     return type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in module.parameters(recurse=False))
 
 
@@ -175,7 +188,7 @@ def _moe_layer(model: nn.Module, index: int, experts: nn.Module, config: Any) ->
             shared=shared,
             num_experts=num_experts,
             top_k=int(top_k),
-            correction_bias=_correction_bias(router, num_experts),
+            correction_bias=_correction_bias(block, router, experts, num_experts),
         ),
         "",
     )
@@ -185,7 +198,9 @@ def _num_experts(experts: nn.Module) -> int:
     value = getattr(experts, "num_experts", None)
     if isinstance(value, int) and value > 0:
         return value
-    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+    fused = [p for p in experts.parameters() if p.dim() == 3]
+    if not fused:
+        raise UnsupportedModelError(f"{type(experts).__name__} has neither `num_experts` nor 3-D [E, ...] weights")
     return int(fused[0].shape[0])
 
 
@@ -196,15 +211,14 @@ def _scores_experts(module: nn.Module, num_experts: int, hidden: int) -> bool:
 
 
 def _router(block: nn.Module, experts: nn.Module, num_experts: int, hidden: int) -> nn.Module | None:
-    scoring = [
-        (name, child)
-        for name, child in block.named_children()
-        if child is not experts and not name.startswith("shared") and _scores_experts(child, num_experts, hidden)
-    ]
-    preferred = [child for name, child in scoring if name in ("router", "gate")]
-    if preferred or len(scoring) == 1:
-        return (preferred or [scoring[0][1]])[0]
-    return None
+    """The child scoring the experts: the one holding an [E, hidden] matrix (named ``router`` /
+    ``gate`` if several do), else a child so named (an MLP router, a router with extra outputs)."""
+    children = [(name, child) for name, child in block.named_children() if child is not experts and not name.startswith("shared")]
+    scoring = [(name, child) for name, child in children if _scores_experts(child, num_experts, hidden)]
+    named = [child for name, child in (scoring or children) if name in ("router", "gate")]
+    if named:
+        return named[0]
+    return scoring[0][1] if len(scoring) == 1 else None
 
 
 def _is_mlp(module: nn.Module, hidden: int) -> bool:
@@ -212,11 +226,17 @@ def _is_mlp(module: nn.Module, hidden: int) -> bool:
     return any(p.dim() == 2 and hidden in p.shape and min(p.shape) > 1 for p in module.parameters())
 
 
-def _correction_bias(router: nn.Module, num_experts: int) -> str | None:
-    """A router tensor [E] other than a linear layer's own ``bias`` (which is already in the logits)."""
-    for name, tensor in [*router.named_buffers(recurse=False), *router.named_parameters(recurse=False)]:
-        if name != "bias" and tensor.dim() == 1 and tensor.shape[0] == num_experts and "bias" in name:
-            return name
+def _correction_bias(block: nn.Module, router: nn.Module, experts: nn.Module, num_experts: int) -> str | None:
+    """Path (from the block) of a score-correction bias: a tensor of E values named like a bias,
+    in the router (any depth) or held by the block itself and passed to the router. A linear
+    layer's own ``bias`` is excluded: it is already in the logits."""
+    router_path = next(name for name, child in block.named_children() if child is router)
+    owned = [(f"{router_path}.{name}", t) for name, t in [*router.named_buffers(), *router.named_parameters()]]
+    owned += [*block.named_buffers(recurse=False), *block.named_parameters(recurse=False)]
+    for path, tensor in owned:
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf != "bias" and "bias" in leaf and tensor.numel() == num_experts and tensor.shape[-1] == num_experts:
+            return path
     return None
 
 
@@ -242,9 +262,12 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(p.device for p in module.parameters())
 
 
-def materialized(module: nn.Module, name: str) -> torch.Tensor:
-    """The values of ``module``'s parameter or buffer ``name``, also when accelerate has offloaded
-    it (the module then holds a ``meta`` tensor between calls and its hook keeps the values)."""
+def materialized(module: nn.Module, path: str) -> torch.Tensor:
+    """The values of the parameter or buffer at ``path`` (dotted, from ``module``), also when
+    accelerate has offloaded it (the owner then holds a ``meta`` tensor between calls and its hook
+    keeps the values)."""
+    owner_path, _, name = path.rpartition(".")
+    module = module.get_submodule(owner_path) if owner_path else module
     value = getattr(module, name)
     if value.device.type != "meta":
         return value
@@ -279,9 +302,13 @@ def router_logits(output: Any, num_experts: int) -> torch.Tensor:
     float tensor of the tuple it returns (``(logits, weights, indices)`` by transformers' convention)."""
     import torch
 
-    for value in output if isinstance(output, tuple) else (output,):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[-1] == num_experts:
+    values = [v for v in (output if isinstance(output, tuple) else (output,)) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    for value in values:
+        if value.shape[-1] == num_experts:
             return value.reshape(-1, num_experts)
+    for value in values:  # routers that also score a null expert (more columns than experts)
+        if value.dim() >= 2 and value.shape[-1] > num_experts:
+            return value.reshape(-1, value.shape[-1])
     raise UnsupportedModelError(f"the router returned no [tokens, {num_experts}] logits tensor (got {type(output).__name__})")
 
 
@@ -306,3 +333,10 @@ def with_experts_routing(
         else:
             args[position] = value
     return tuple(args), kwargs
+
+
+def correction_bias_of(layer: MoeLayer) -> torch.Tensor | None:
+    """[E] the layer's score-correction bias (``None`` if it has none), offloaded values included."""
+    if layer.correction_bias is None:
+        return None
+    return materialized(layer.block, layer.correction_bias).reshape(-1)

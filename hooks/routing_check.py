@@ -5,7 +5,8 @@ moelens steers a layer by re-routing its router logits through one routing kerne
 sound if the rule reproduces what the model does, so the rule is never taken on trust:
 
 1. **Observe.** Every MoE block is called on the same seeded random hidden rows (in the model's
-   dtype, on the block's device); hooks record the router's logits and the routing the experts
+   dtype, on the block's device; a block that needs more than hidden states, such as a decoder
+   layer holding the router itself, gets one forward pass of the model on random ids); hooks record the router's logits and the routing the experts
    module actually received (``top_k_index``, ``top_k_weights``), after everything the family's
    block did in between.
 2. **Infer.** Candidate rules are built from the config and the router (score function, top-k
@@ -32,7 +33,8 @@ from moelens.hooks.adapters import (
     UnsupportedModelError,
     experts_routing,
     execution_device,
-    materialized,
+    correction_bias_of,
+    input_device,
     moe_view,
     router_logits,
 )
@@ -50,6 +52,7 @@ class RoutingCheck:
 
     rule: RoutingRule | None  # the verified rule; None when no candidate reproduces the model
     correction_bias: bool  # whether the rule adds each router's score-correction bias to the choice
+    probabilities: bool  # the router returns softmax probabilities, not logits: the kernel takes their log
     problem: str | None  # what differed (for the config's own rule), None when verified
     tokens: int  # tokens compared at each MoE layer
     candidates: int  # rules tried
@@ -95,11 +98,11 @@ def verified_rule(model: nn.Module) -> RoutingRule:
     return check.rule
 
 
-def check_rule(model: nn.Module, rule: RoutingRule, *, correction_bias: bool = True) -> RoutingCheck:
+def check_rule(model: nn.Module, rule: RoutingRule, *, correction_bias: bool = True, probabilities: bool = False) -> RoutingCheck:
     """Check a given ``rule`` against ``model`` (not cached): ``problem`` says what differed."""
     observed = _observe(model)
-    problem = _mismatch(rule, observed, correction_bias)
-    return RoutingCheck(rule if problem is None else None, correction_bias, problem, _tokens(observed), 1)
+    problem = _mismatch(rule, observed, correction_bias, probabilities)
+    return RoutingCheck(rule if problem is None else None, correction_bias, probabilities, problem, _tokens(observed), 1)
 
 
 def _tokens(observed: list[_Observed]) -> int:
@@ -136,8 +139,14 @@ def _observe(model: nn.Module) -> list[_Observed]:
             handles.append(layer.router.register_forward_hook(on_router(layer)))
             handles.append(layer.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
         with torch.no_grad():
-            for layer in view.layers:
-                _call_block(layer, rows.to(execution_device(layer.router), _dtype(layer.router)))
+            try:
+                for layer in view.layers:
+                    layer.block(rows.to(execution_device(layer.router), _dtype(layer.router)))
+            except (RuntimeError, ValueError, TypeError, AttributeError):
+                # a block that needs more than hidden states (e.g. its decoder layer holds the
+                # router): one forward pass of the whole model instead, which tracers skip
+                seen.update({layer.index: {} for layer in view.layers})
+                _forward_probe(model)
     finally:
         for handle in handles:
             handle.remove()
@@ -155,25 +164,29 @@ def _observe(model: nn.Module) -> list[_Observed]:
                 "top_k_weights), so the routing the experts use cannot be read or replaced"
             )
         index, weights = record["routing"]
-        bias = materialized(layer.router, layer.correction_bias).detach().float().cpu() if layer.correction_bias else None
+        bias = correction_bias_of(layer)
+        bias = bias.detach().float().cpu() if bias is not None else None
         observed.append(
             _Observed(layer, record["logits"].float().cpu(), index.cpu(), weights.float().cpu(), weights.dtype, bias)
         )
     return observed
 
 
-def _call_block(layer: MoeLayer, rows: torch.Tensor) -> None:
-    """Call the MoE block on [1, T, H] rows (or [T, H] for blocks that take flat tokens)."""
+PROBING = False  # True during a whole-model probe forward pass: tracers record nothing
+
+
+def _forward_probe(model: nn.Module) -> None:
+    """One forward pass of ``model`` on seeded random token ids (tracers skip it: :data:`PROBING`)."""
+    import torch
+
+    global PROBING
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    ids = torch.randint(0, vocab, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0)).to(input_device(model))
+    PROBING = True
     try:
-        layer.block(rows)
-    except (RuntimeError, ValueError, TypeError) as batched_error:
-        try:
-            layer.block(rows[0])
-        except (RuntimeError, ValueError, TypeError):
-            raise UnsupportedModelError(
-                f"layer {layer.index}: {type(layer.block).__name__} cannot be called on hidden states alone "
-                f"({type(batched_error).__name__}: {batched_error}), so its routing rule cannot be checked"
-            ) from batched_error
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        PROBING = False
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -183,16 +196,17 @@ def _dtype(module: nn.Module) -> torch.dtype:
 def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:
     candidates = _candidates(moe_view(model).text_config, observed)
     first_problem = None
-    for count, (rule, use_bias) in enumerate(candidates, start=1):
-        problem = _mismatch(rule, observed, use_bias)
+    for count, (rule, use_bias, probabilities) in enumerate(candidates, start=1):
+        problem = _mismatch(rule, observed, use_bias, probabilities)
         if problem is None:
-            return RoutingCheck(rule, use_bias, None, _tokens(observed), count)
-        first_problem = first_problem or f"With the config's rule ({_describe(rule, use_bias)}): {problem}"
-    return RoutingCheck(None, False, first_problem, _tokens(observed), len(candidates))
+            return RoutingCheck(rule, use_bias, probabilities, None, _tokens(observed), count)
+        first_problem = first_problem or f"With the config's rule ({describe_rule(rule, use_bias)}): {problem}"
+    return RoutingCheck(None, False, False, first_problem, _tokens(observed), len(candidates))
 
 
-def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, bool]]:
-    """Rules to try, the config's own reading first: (rule, whether to add the correction bias)."""
+def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, bool, bool]]:
+    """Rules to try, the config's own reading first: (rule, whether to add the correction bias,
+    whether the router's output is probabilities rather than logits)."""
     from moelens.kernels.routing import RoutingRule
 
     values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
@@ -204,7 +218,11 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
     renormalize = next(
         (bool(v) for k, v in values.items() if isinstance(v, bool) and ("norm_topk" in k or "renormalize" in k)), False
     )
-    scalings = [float(v) for k, v in values.items() if "scaling_factor" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    scalings = [
+        float(v)
+        for k, v in values.items()
+        if "scal" in k and any(word in k for word in ("rout", "moe", "expert")) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     n_group = next((int(v) for k, v in values.items() if k in ("n_group", "num_expert_group", "moe_n_group") and v), 1)
     topk_group = next((int(v) for k, v in values.items() if k in ("topk_group", "moe_topk_group") and v), 1)
     groups: list[tuple[int, int, str]] = []
@@ -220,6 +238,7 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
         dict.fromkeys([*scalings, 1.0]),
         groups,
         (True, False) if has_bias else (False,),
+        (False, True),  # probabilities
     )
     return [
         (
@@ -234,13 +253,15 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
                 group_score=group[2],  # type: ignore[arg-type]
             ),
             use_bias,
+            probabilities,
         )
-        for score, before, renorm, scaling, group, use_bias in options
+        for score, before, renorm, scaling, group, use_bias, probabilities in options
         if not (before and (use_bias or group[0] > 1))  # the kernel defines bias and groups on scores only
+        and not (probabilities and (score != "softmax" or before))  # log-probabilities give back only a softmax
     ]
 
 
-def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool) -> str | None:
+def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool, probabilities: bool) -> str | None:
     """What differs between the kernel under ``rule`` and the model's routing (None: nothing)."""
     import torch
 
@@ -251,9 +272,12 @@ def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool) -> s
         if rule.top_k != k:
             return f"top-k differs at layer {seen.layer.index}: the experts receive {k} experts per token, the rule selects {rule.top_k}"
         bias = seen.correction_bias if use_bias else None
-        weights, index = route(seen.logits, rule, correction_bias=bias, impl="torch")
+        logits = seen.logits.log() if probabilities else seen.logits
+        if logits.shape[-1] != seen.layer.num_experts:
+            return f"layer {seen.layer.index}: the router scores {logits.shape[-1]} columns for {seen.layer.num_experts} experts"
+        weights, index = route(logits, rule, correction_bias=bias, impl="torch")
         resolution = 1e-5 if seen.weights_dtype == torch.float32 else 1e-2
-        compared = ~_tied(seen.logits, rule, bias, k, resolution)  # [T]
+        compared = ~_tied(logits, rule, bias, k, resolution)  # [T]
         if int(compared.sum()) < compared.numel() // 2:
             return f"layer {seen.layer.index}: most probe tokens tie between their k-th and (k+1)-th expert, nothing to compare"
 
@@ -301,7 +325,8 @@ def _rounded(values: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
-def _describe(rule: RoutingRule, use_bias: bool) -> str:
+def describe_rule(rule: RoutingRule, use_bias: bool, probabilities: bool = False) -> str:
+    """The rule in words, e.g. "sigmoid, top-4, renormalised, scaled by 2.5, correction bias"."""
     parts = [f"{rule.score}", f"top-{rule.top_k}"]
     if rule.select_before_score:
         parts.append("selected on logits")
@@ -313,4 +338,6 @@ def _describe(rule: RoutingRule, use_bias: bool) -> str:
         parts.append(f"{rule.topk_group} of {rule.n_group} groups by {rule.group_score}")
     if use_bias:
         parts.append("correction bias")
+    if probabilities:
+        parts.append("router returns probabilities")
     return ", ".join(parts)

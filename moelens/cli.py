@@ -1,4 +1,4 @@
-"""The ``moelens`` command line: ``collect``, ``analyze``, ``prune``, ``zoo``."""
+"""The ``moelens`` command line: ``collect``, ``analyze``, ``prune``, ``families``, ``zoo``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
     prune.add_argument("spec", type=Path, help='JSON spec: {"interventions": [{"kind": "prune", "keep": {"<layer>": [experts...]}}]}')
     prune.add_argument("--out", required=True, type=Path)
+
+    families = commands.add_parser(
+        "families", help="which MoE families of the installed transformers moelens traces and steers (builds a tiny model of each)"
+    )
+    families.add_argument("model_types", nargs="*", help="only these model types (default: every MoE model type)")
 
     from moelens.analysis.cli import add_analyze_parser
 
@@ -154,6 +159,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from moelens.analysis.cli import run_analyze
 
         return run_analyze(args)
+    if args.command == "families":
+        from moelens.zoo.families import family_reports, format_reports
+
+        print(format_reports(family_reports(args.model_types or None)))
+        return 0
     if args.command == "zoo":
         return _zoo(args)
     raise AssertionError(args.command)

@@ -2,7 +2,7 @@
 
 Call these *inside* an nnsight block on an ``nnsight`` model wrapper (``LanguageModel`` /
 ``TransformersModel``) holding a supported MoE model. They use only nnsight's own operations:
-reading a router envoy's ``.output`` and assigning a new one, with plain torch ops in between
+reading a router envoy's ``.output`` and replacing its experts envoy's ``.inputs``, with plain torch ops in between
 (the routing function of ``moelens.kernels``), so the same code can run where nnsight runs it::
 
     with lm.trace(prompt):
@@ -41,27 +41,29 @@ def _envoy(wrapper: Any, module_path: str) -> Any:
 
 
 def capture_routes(wrapper: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Inside a trace: ``{layer: (weights [T, k], indices [T, k])}`` as the routers returned them, saved."""
+    """Inside a trace: ``{layer: (weights [T, k], indices [T, k])}`` as the experts received them, saved."""
     import nnsight
 
-    from moelens.hooks.adapters import module_name, moe_layers
+    from moelens.hooks.adapters import experts_routing, module_name, moe_layers
 
     model = _unwrapped(wrapper)
     routes = nnsight.save({})  # saved: nnsight hands it back to the caller's frame after the block
     for layer in moe_layers(model):
-        output = _envoy(wrapper, module_name(model, layer.router)).output
-        routes[layer.index] = (output[1], output[2])
+        args, kwargs = _envoy(wrapper, module_name(model, layer.experts)).inputs
+        index, weights = experts_routing(args, kwargs)
+        routes[layer.index] = (weights, index)
     return routes
 
 
 def steer(wrapper: Any, spec: Intervention) -> None:
-    """Inside a trace: re-route every affected router's output under ``spec`` (all tokens).
+    """Inside a trace: re-route every affected MoE layer under ``spec`` (all tokens): the router's
+    logits go through the routing kernel and replace the routing its experts receive.
 
     Token-scoped parts (``tokens="prompt"`` ...) are refused: within nnsight, scope with its own
     step selection (``tracer.iter[...]``) instead.
     """
-    from moelens.hooks.adapters import module_name
-    from moelens.interventions.apply import bind, fill_empty_slots
+    from moelens.hooks.adapters import experts_routing, module_name, router_logits, with_experts_routing
+    from moelens.interventions.apply import bind, fill_empty_slots, kernel_logits
     from moelens.kernels.routing import route
 
     scoped = [part.kind for part in spec.parts if part.tokens != "all"]
@@ -69,9 +71,12 @@ def steer(wrapper: Any, spec: Intervention) -> None:
         raise SpecError(f"nnsight_ops.steer applies to all tokens; {scoped} parts have a token scope (use tracer.iter[...] to pick steps)")
     model = _unwrapped(wrapper)
     for plan in bind(model, spec):
-        envoy = _envoy(wrapper, module_name(model, plan.layer.router))
-        logits, weights = envoy.output[0], envoy.output[1]
+        layer = plan.layer
+        logits = router_logits(_envoy(wrapper, module_name(model, layer.router)).output, layer.num_experts)
+        experts = _envoy(wrapper, module_name(model, layer.experts))
+        args, kwargs = experts.inputs
+        weights = experts_routing(args, kwargs)[1]
         correction_bias, (variant,) = plan.on(logits.device)
-        routed = route(logits.float(), plan.rule, correction_bias=correction_bias, controls=variant.controls)
-        new_weights, new_indices = fill_empty_slots(*routed, plan.layer.num_experts)
-        envoy.output = (logits, new_weights.to(weights.dtype), new_indices)
+        routed = route(kernel_logits(plan, logits), plan.rule, correction_bias=correction_bias, controls=variant.controls)
+        new_weights, new_indices = fill_empty_slots(*routed, layer.num_experts)
+        experts.inputs = with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))

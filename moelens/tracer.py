@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moelens.hooks.adapters import MoeLayer, experts_routing, moe_layers, moe_view, router_logits
+from moelens.hooks import routing_check
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
 
@@ -128,6 +129,8 @@ class Tracer(TraceTables):
 
     # --- hooks -------------------------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if routing_check.PROBING:  # moelens' own routing check, not the user's forward pass
+            return
         tokens = StepTokens.from_call(args, kwargs)
         batch = tokens.real.shape[0]
         if not tokens.generated or self._session is None or self._session.batch_size != batch:
@@ -361,16 +364,14 @@ def _choice_bias(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[dict[int
     """Per MoE layer, the score-correction bias its router adds for choice only (DeepSeek-V3 and
     its kin), and the score function of the model's verified rule; ({}, "") for models without
     one, or whose rule the kernel does not reproduce (their ranks then follow the weights)."""
-    from moelens.hooks.adapters import materialized
-    from moelens.hooks.routing_check import routing_check
-
+    from moelens.hooks.adapters import correction_bias_of
     biased = [layer for layer in layers if layer.correction_bias is not None]
     if not biased:
         return {}, ""
-    check = routing_check(model)
+    check = routing_check.routing_check(model)
     if check.rule is None or not check.correction_bias:
         return {}, ""
-    return {layer.index: materialized(layer.router, layer.correction_bias) for layer in biased}, check.rule.score
+    return {layer.index: correction_bias_of(layer) for layer in biased}, check.rule.score
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, experts_routing, materialized, moe_view, router_logits, with_experts_routing
+from moelens.hooks.adapters import MoeLayer, correction_bias_of, experts_routing, moe_view, router_logits, with_experts_routing
 from moelens.hooks.routing_check import routing_check, verified_rule
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
@@ -87,6 +87,7 @@ class _LayerPlan:
 
     layer: MoeLayer
     rule: RoutingRule
+    probabilities: bool  # the router returns probabilities: the kernel routes their log (see routing_check)
     correction_bias: torch.Tensor | None
     groups: tuple[_Group, ...]
     variants: tuple[_Variant, ...]  # one per combination of groups a token can be in
@@ -167,12 +168,14 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
             _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
             for members in _combinations(groups)
         )
-        use_bias = routing_check(model).correction_bias and layer.correction_bias is not None
+        check = routing_check(model)
+        use_bias = check.correction_bias and layer.correction_bias is not None
         plans.append(
             _LayerPlan(
                 layer=layer,
                 rule=rule,
-                correction_bias=materialized(layer.router, layer.correction_bias) if use_bias else None,
+                probabilities=check.probabilities,
+                correction_bias=correction_bias_of(layer) if use_bias else None,
                 groups=groups,
                 variants=variants,
             )
@@ -313,7 +316,7 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) ->
 
     from moelens.kernels.routing import route
 
-    logits = logits.float()
+    logits = kernel_logits(plan, logits)
     correction_bias, variants = plan.on(logits.device)
     if not plan.needs_steps:  # one universal group: the same controls for every token
         (variant,) = variants
@@ -336,6 +339,12 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) ->
         weights, indices = torch.where(mask[:, None], w, weights), torch.where(mask[:, None], i, indices)
     assert weights is not None and indices is not None
     return weights, indices
+
+
+def kernel_logits(plan: _LayerPlan, router_output: torch.Tensor) -> torch.Tensor:
+    """[T, E] float32 what the kernel routes from: the router's logits, or the log of the
+    probabilities it returns (softmax of log-probabilities gives the probabilities back)."""
+    return router_output.float().log() if plan.probabilities else router_output.float()
 
 
 def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.util
 import inspect
 import itertools
 import math
@@ -37,6 +36,9 @@ if TYPE_CHECKING:
 
 VOCAB_SIZE = 300
 HIDDEN_SIZE = 64
+DENSE_WIDTH = 96  # dense MLP intermediate size
+EXPERT_WIDTH = 32  # routed expert intermediate size
+SHARED_WIDTH = 48  # shared experts, and experts whose width is the dense intermediate_size
 N_EXPERTS = 8
 TOP_K = 2
 # Special tokens land outside the ids the survey feeds (3..249), so they never collide with text.
@@ -46,9 +48,12 @@ _SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # A modeling file is MoE when it decorates an experts class with ``use_experts_implementation`` or
 # reads both a routed-expert count and a per-token expert count from its config (DBRX, JetMoE,
 # Llama-4, LongCat, Doge predate the decorator).
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOP_KS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "moe_top_k")
+_EXPERT_WIDTHS = ("moe_intermediate_size", "expert_ffn_hidden_size", "moe_hidden_size")
 _DECORATOR = re.compile(r"@use_experts_implementation")
-_EXPERT_COUNT = re.compile(r"\.(num_experts|num_local_experts|n_routed_experts|moe_num_experts)\b")
-_TOP_K = re.compile(r"\.(num_experts_per_tok|num_experts_per_token|moe_topk|moe_top_k|moe_k|top_k_experts)\b")
+_EXPERT_COUNT = re.compile(rf"\.({'|'.join(_EXPERT_COUNTS)})\b")
+_TOP_K = re.compile(rf"\.({'|'.join(_TOP_KS)})\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +96,9 @@ def tiny_config(model_type: str) -> PretrainedConfig:
 
     family = _family(model_type)
     config_class = CONFIG_MAPPING[family.model_type]
-    defaults = config_class().to_dict()
-    shrunk = _shrink(defaults)
-    for name, value in _FAMILY_OVERRIDES.get(family.model_type, {}).items():
-        shrunk[name] = value(shrunk) if callable(value) else value
+    defaults = _with(config_class().to_dict(), _FAMILY_DEFAULTS.get(family.model_type, {}))
+    mrope = "mrope_section" in getattr(config_class, "ignore_keys_at_rope_validation", ())
+    shrunk = _with(_shrink(defaults, mrope=mrope), _FAMILY_OVERRIDES.get(family.model_type, {}))
     config = config_class.from_dict(shrunk)
     config.name_or_path = f"tiny:{family.model_type}"
     return config
@@ -140,11 +144,12 @@ def survey() -> list[FamilyBuild]:
                 model = build_tiny_model(model_type)
                 with torch.no_grad():
                     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                    if logits.shape[:2] != input_ids.shape or not torch.isfinite(logits[1]).all():
-                        raise ValueError(f"bad logits: shape {tuple(logits.shape)}, finite {logits.isfinite().all()}")
+                    if logits.shape[:2] != input_ids.shape or not torch.isfinite(logits).all():
+                        raise ValueError(f"logits of shape {tuple(logits.shape)}, all finite: "
+                                         f"{bool(torch.isfinite(logits).all())}")
                     out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          max_new_tokens=3, do_sample=False)
-                    if out.shape != (2, 10):
+                    if out.shape[0] != 2 or out.shape[1] <= input_ids.shape[1]:  # an early EOS may stop it
                         raise ValueError(f"generate returned shape {tuple(out.shape)}")
                 results.append(FamilyBuild(model_type, True))
             except Exception as error:  # noqa: BLE001 - any failure is a survey finding
@@ -212,9 +217,13 @@ def _with_lm_head(backbone: type) -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # The family's own PreTrainedModel base brings its ``_init_weights`` (router and bias inits).
-    base = next(c for c in backbone.__mro__[1:] if issubclass(c, PreTrainedModel) and c.__module__ == backbone.__module__)
+    base = next(c for c in backbone.__mro__[1:]
+                if issubclass(c, PreTrainedModel) and c.__module__ == backbone.__module__)
 
     class TextForCausalLM(base, GenerationMixin):
+        # transformers decides from the defining module's source whether the experts/attention
+        # implementation can be switched, so the head must answer like its backbone does.
+        __module__ = backbone.__module__
         config_class = backbone.config_class
         base_model_prefix = "model"
 
@@ -233,7 +242,8 @@ def _with_lm_head(backbone: type) -> type:
                 hidden = hidden[:, -logits_to_keep:]
             return CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=outputs.cache)
 
-    TextForCausalLM.__name__ = TextForCausalLM.__qualname__ = backbone.__name__.replace("TextModel", "TextForCausalLM")
+    TextForCausalLM.__name__ = backbone.__name__.replace("TextModel", "TextForCausalLM")
+    TextForCausalLM.__qualname__ = TextForCausalLM.__name__
     return TextForCausalLM
 
 
@@ -241,9 +251,13 @@ def _with_lm_head(backbone: type) -> type:
 Rule = Callable[[Any], Any]
 
 
+def _is_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _pos(value: Any) -> Rule:
     """Replace a positive number; keep 0, None and negatives, which mean "off" or "derive it"."""
-    return lambda old: value if isinstance(old, (int, float)) and not isinstance(old, bool) and old > 0 else old
+    return lambda old: value if _is_positive(old) else old
 
 
 def _set(value: Any) -> Rule:
@@ -263,15 +277,17 @@ _RULES: tuple[tuple[tuple[str, ...], Rule], ...] = (
     (("num_attention_heads", "n_heads", "swa_num_attention_heads", "num_sliding_attention_heads",
       "num_attention_heads_per_layer"), _pos(4)),
     (("num_key_value_heads", "kv_n_heads", "swa_num_key_value_heads"), _pos(2)),
-    (("head_dim", "swa_head_dim", "kv_channels", "query_pre_attn_scalar"), _pos(16)),
+    # ``None`` head_dim means hidden/heads, which is 16 too; Hunyuan reads it without that fallback
+    (("head_dim",), lambda old: 16 if old is None or _is_positive(old) else old),
+    (("swa_head_dim", "kv_channels", "query_pre_attn_scalar"), _pos(16)),
     (("intermediate_size", "ffn_hidden_size", "dense_intermediate_size", "intermediate_size_mlp",
-      "prefix_dense_intermediate_size"), _pos(96)),
-    (("moe_intermediate_size", "expert_ffn_hidden_size", "moe_hidden_size"), _set(32)),
+      "prefix_dense_intermediate_size"), _pos(DENSE_WIDTH)),
+    (_EXPERT_WIDTHS, _set(EXPERT_WIDTH)),  # MuseSpark's moe_hidden_size: the experts' latent input width
     (("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size",
-      "share_expert_dim", "shared_experts_intermediate_size"), _pos(48)),
+      "share_expert_dim", "shared_experts_intermediate_size"), _pos(SHARED_WIDTH)),
     # routing
-    (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), _set(N_EXPERTS)),
-    (("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "moe_top_k"), _set(TOP_K)),
+    (_EXPERT_COUNTS, _set(N_EXPERTS)),
+    (_TOP_KS, _set(TOP_K)),
     (("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), _pos(1)),
     (("zero_expert_num",), _pos(4)),
     (("n_group", "num_expert_group"), lambda old: 4 if isinstance(old, int) and old > 1 else old),
@@ -289,10 +305,12 @@ _RULES: tuple[tuple[tuple[str, ...], Rule], ...] = (
     (("index_head_dim", "indexer_head_dim"), _pos(16)),
     (("index_topk", "index_block_size"), _pos(4)),
     (("index_topk_blocks", "index_kpool"), _pos(2)),
-    (("compress_rates",), lambda old: {k: max(2, r // 32) for k, r in old.items()} if isinstance(old, dict) else old),
+    # DeepSeek-V4 compresses KV by 4 and 128 tokens: 2 and 4 still compress a 10-token prompt
+    (("compress_rates",), lambda old: {k: max(2, r // 32) for k, r in old.items()} if old else old),
     # state-space and linear attention
     (("mamba_n_heads", "mamba_num_heads"), _pos(8)),
-    (("mamba_d_head", "mamba_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"), _pos(16)),
+    (("mamba_d_head", "mamba_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"),
+     _pos(16)),
     (("mamba_d_state", "ssm_state_size", "mamba_chunk_size", "chunk_size", "block_size"), _pos(16)),
     (("mamba_dt_rank",), _pos(8)),
     (("n_groups", "mamba_n_groups"), lambda old: 2 if isinstance(old, int) and old > 1 else old),
@@ -317,7 +335,7 @@ _RULE_BY_NAME: dict[str, Rule] = {name: rule for names, rule in _RULES for name 
 
 _LAYER_COUNTS = ("num_hidden_layers", "n_layers", "num_layers")
 # Lists of layer indices (not one entry per layer).
-_LAYER_INDEX_SETS = ("mlp_only_layers", "moe_layers", "ple_layer_ids", "local_layer_ids", "mtp_local_layer_ids")
+_LAYER_INDEX_SETS = ("mlp_only_layers", "moe_layers")
 # Per-layer lists whose values are layer indices (Mistral-Large-4's KV sharing source).
 _LAYER_INDEX_VALUES = ("kv_source_layers",)
 # Scalar layer patterns as the modeling/config code reads them: (names, is-layer-i-marked). They
@@ -334,31 +352,87 @@ _LAYER_PATTERNS: tuple[tuple[tuple[str, ...], Callable[..., bool]], ...] = (
     (("loop_layer_index_start", "loop_layer_index_end"), lambda a, b, i: a <= i < b),
 )
 
-# Per-family overrides, only where no generic rule can work.
+# Per-family settings, only where no generic rule can work. Values are constants or functions of
+# the config dict. ``_FAMILY_DEFAULTS`` complete a default config that its own modeling code cannot
+# build (checkpoints always set these) and are applied before shrinking, so they get shrunk and
+# their layer kinds kept; ``_FAMILY_OVERRIDES`` are applied to the shrunk config.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig no longer defines, and
+    # clamps Q/K/V with clip_qkv, whose default None makes torch.clamp fail
+    "dbrx": {"attn_config": lambda c: {**c["attn_config"], "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # the decoder layer indexes mlp_layer_types, which defaults to None
+    "deepseek_ocr2_text": {"mlp_layer_types": lambda c: ["dense"] + ["sparse"] * (c["num_hidden_layers"] - 1)},
+    # the MoE block always builds a shared expert of moe_intermediate_size * n_shared_experts (None)
+    "dots1": {"n_shared_experts": 1},
+    # the default stack is all Mamba, and a cache without attention layers fails get_seq_length()
+    "granitemoehybrid": {"layer_types": lambda c: ["full_attention" if i % 4 == 3 else "linear_attention"
+                                                   for i in range(c["num_hidden_layers"])]},
+    # layer_types defaults to None but every decoder layer indexes it ("conv" or attention)
+    "lfm2_moe": {"layer_types": lambda c: ["full_attention" if i % 4 == 3 else "conv"
+                                           for i in range(c["num_hidden_layers"])]},
+    # its default layer_types use indexed attention but leave the indexer (QSA) unset; already
+    # tiny, so that the index selects within a 10-token prompt
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                       "indexer_budget": 4, "indexer_compress_ratio": 2},
+    # the text model always builds a sliding-window mask, which needs a window (default None)
+    "step3p5": {"sliding_window": 512},
+}
 _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # product-key experts: the expert count must be a perfect square (num_keys = sqrt(num_experts))
     "doge": {"num_experts": 16},
+    # the sliding layers' overrides widen qk_nope_head_dim, and the sliding head_dim must equal it
+    # plus the rotary part (validated); the generic rules shrink the two by different factors
+    "dots3_note_text": {"head_dim": lambda c: c["qk_rope_head_dim"]
+                        + next(iter(c["per_layer_config"].values()))["qk_nope_head_dim"]},
+    # the loop bounds must be multiples of the attention-residual block length, and the kept
+    # layers' block boundaries and loop bounds admit no common length above 1
+    "inkling2_loop_text": {"n_layers_per_attn_res_block": 1},
+    # its config validation accepts top-1 routing only
+    "zaya": {"num_experts_per_tok": 1},
 }
 
 
-def _shrink(defaults: dict[str, Any]) -> dict[str, Any]:
-    config = _keep_layer_kinds(dict(defaults))
-    config = _apply_rules(config)
-    _make_consistent(config, defaults)
+def _with(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    return {**config, **{k: v(config) if callable(v) else v for k, v in settings.items()}}
+
+
+def _shrink(defaults: dict[str, Any], *, mrope: bool) -> dict[str, Any]:
+    """Keep the layer kinds, apply ``_RULES``, then restore the values that must agree.
+
+    ``mrope``: the modeling code splits the rotary dimensions into (temporal, height, width)
+    sections, with a built-in default when the config has none.
+    """
+    config = _apply_rules(_keep_layer_kinds(dict(defaults)))
+    _make_consistent(config, defaults, mrope=mrope)
     return config
 
 
 def _apply_rules(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in config.items():
-        if isinstance(value, dict) and ("model_type" in value or _is_per_layer_dict(value)):
-            value = {k: _apply_rules(v) if isinstance(v, dict) else v for k, v in value.items()} \
-                if _is_per_layer_dict(value) else _apply_rules(value)
+        if isinstance(value, dict) and "model_type" in value:  # a sub-config (DBRX's attn/ffn_config)
+            value = _apply_rules(value)
         elif name in _RULE_BY_NAME:
             rule = _RULE_BY_NAME[name]
             value = [rule(v) for v in value] if isinstance(value, list) else rule(value)
         out[name] = value
+    for name, value in config.items():  # after the globals, which per-layer overrides scale with
+        if _is_per_layer_dict(value):
+            out[name] = {layer: _scale_like(override, config, out) for layer, override in value.items()}
     return out
+
+
+def _scale_like(override: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A per-layer override scaled like the global value it overrides (Dots3's wider MLA layers,
+    Gemma-4's 2x head_dim on global layers); the same constant would erase the difference."""
+    scaled = {}
+    for name, value in override.items():
+        old, new = before.get(name), after.get(name)
+        if _is_positive(value) and _is_positive(old) and _is_positive(new) and isinstance(value, int):
+            scaled[name] = max(1, round(new * value / old))
+        else:
+            scaled[name] = _RULE_BY_NAME.get(name, lambda v: v)(value)
+    return scaled
 
 
 def _is_per_layer_dict(value: Any) -> bool:
@@ -371,7 +445,7 @@ def _keep_layer_kinds(config: dict[str, Any]) -> dict[str, Any]:
     Per-layer settings are lists with one entry per layer (``layer_types``, ``mlp_layer_types``,
     ``layers_block_type``, ``no_rope_layers``...), layer-index lists (``mlp_only_layers``,
     ``moe_layers``), per-layer override dicts keyed by layer number and the scalar patterns of
-    ``_LAYER_PATTERNS``. Layers are kept greedily in order, so a dense prefix stays a prefix.
+    ``_LAYER_PATTERNS``. Kept layers stay in order, so a dense prefix stays a prefix.
     """
     count_name = next((n for n in _LAYER_COUNTS if isinstance(config.get(n), int)), None)
     if count_name is None:
@@ -384,7 +458,7 @@ def _keep_layer_kinds(config: dict[str, Any]) -> dict[str, Any]:
     patterns = [(names, mark) for names, mark in _LAYER_PATTERNS
                 if all(isinstance(config.get(x), int) for x in names)]
 
-    def features(i: int) -> Iterator[tuple[str, str]]:
+    def features(i: int) -> Iterator[tuple[str, str]]:  # (setting, this layer's value)
         for k in per_layer:
             yield k, repr(config[k][i]) if k not in _LAYER_INDEX_VALUES else repr(config[k][i] == i)
         for k in index_sets:
@@ -394,15 +468,17 @@ def _keep_layer_kinds(config: dict[str, Any]) -> dict[str, Any]:
         for names, mark in patterns:
             yield names[0], repr(_marks(mark, [config[x] for x in names], [i]))
 
-    covered: set[tuple[str, str]] = set()
-    kept = []
-    for i in range(n):
-        new = set(features(i)) - covered
-        if new:
-            kept.append(i)
-            covered |= new
-    if len(kept) < 2:
-        kept = sorted({*kept, *range(min(2, n))})[:2]
+    # Greedy set cover: take the layer showing the most unseen values (the earliest on ties).
+    layer_features = [set(features(i)) for i in range(n)]
+    uncovered = set().union(*layer_features)
+    chosen = set()
+    while uncovered:
+        best = max(range(n), key=lambda i: (len(layer_features[i] & uncovered), -i))
+        chosen.add(best)
+        uncovered -= layer_features[best]
+    kept = sorted(chosen)
+    if len(kept) < 2:  # a uniform stack (chosen == {0}): still two layers, for layer-to-layer plumbing
+        kept = list(range(min(2, n)))
     position = {old: new for new, old in enumerate(kept)}
 
     config[count_name] = len(kept)
@@ -413,7 +489,8 @@ def _keep_layer_kinds(config: dict[str, Any]) -> dict[str, Any]:
         config[k] = [position[i] for i in config[k] if i in position]
     for k in layer_dicts:
         width = max(len(key) for key in config[k])
-        config[k] = {str(position[int(key)]).zfill(width): v for key, v in config[k].items() if int(key) in position}
+        config[k] = {str(position[int(key)]).zfill(width): v
+                     for key, v in config[k].items() if int(key) in position}
     for names, mark in patterns:
         wanted = _marks(mark, [config[x] for x in names], kept)
         if wanted is not None:
@@ -437,20 +514,24 @@ def _refit(mark: Callable[..., bool], arity: int, wanted: list[bool]) -> tuple[i
     raise ValueError(f"no layer pattern reproduces {wanted}")
 
 
-def _make_consistent(config: dict[str, Any], defaults: dict[str, Any]) -> None:
+def _make_consistent(config: dict[str, Any], defaults: dict[str, Any], *, mrope: bool) -> None:
     """Re-derive the values that must agree with each other after the independent rules."""
     if config.get("kv_lora_rank"):  # MLA decompresses K and V for every query head
-        config["num_key_value_heads"] = config["num_attention_heads"]
+        for scope in [config, *(v for d in config.values() if _is_per_layer_dict(d) for v in d.values())]:
+            if "num_key_value_heads" in scope:
+                scope["num_key_value_heads"] = scope.get("num_attention_heads", config["num_attention_heads"])
     if "qk_head_dim" in config and config.get("qk_nope_head_dim") is not None:
         config["qk_head_dim"] = config["qk_nope_head_dim"] + (config.get("qk_rope_head_dim") or 0)
     if defaults.get("head_dim") and defaults.get("head_dim") == defaults.get("qk_rope_head_dim"):
         config["head_dim"] = config["qk_rope_head_dim"]  # MLA configs name the rotary part head_dim
 
-    experts = next((config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-                    if isinstance(config.get(k), int)), None)
+    if "intermediate_size" in config and not any(k in config for k in _EXPERT_WIDTHS):
+        config["intermediate_size"] = SHARED_WIDTH  # it is the experts' width (Mixtral, GPT-OSS, Jamba...)
+
+    # Group-limited routing: groups divide the experts, the kept groups hold at least top-k experts.
+    experts = next((config[k] for k in _EXPERT_COUNTS if isinstance(config.get(k), int)), None)
     group_key = next((k for k in ("n_group", "num_expert_group") if isinstance(config.get(k), int)), None)
-    top_key = next((k for k in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
-                    if isinstance(config.get(k), int)), None)
+    top_key = next((k for k in _TOP_KS if isinstance(config.get(k), int)), None)
     if experts and group_key:
         groups = math.gcd(config[group_key], experts)
         config[group_key] = groups
@@ -461,79 +542,96 @@ def _make_consistent(config: dict[str, Any], defaults: dict[str, Any]) -> None:
     if experts and top_key:
         config[top_key] = min(config[top_key], experts)
 
-    _rescale_mrope(config, defaults)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and (mrope or "mrope_section" in rope):
+        rope["mrope_section"] = _split(_rotary_dim(config) // 2, rope.get("mrope_section") or [1, 1, 1])
+
     used = set(_SPECIAL_IDS.values())
-    spare = iter(range(VOCAB_SIZE - 1, 0, -1))
+    spare = (i for i in range(VOCAB_SIZE - 1, 0, -1) if i not in used)
     for name, value in config.items():
         if name.endswith("_token_id") and isinstance(value, int) and value >= VOCAB_SIZE:
-            config[name] = _SPECIAL_IDS.get(name) or next(i for i in spare if i not in used)
+            config[name] = _SPECIAL_IDS.get(name) or next(spare)
         elif name.endswith("_token_id") and isinstance(value, list):
             config[name] = [v if v < VOCAB_SIZE else _SPECIAL_IDS.get(name, 2) for v in value]
 
 
-def _rescale_mrope(config: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Multimodal RoPE splits the rotary half-dimension into sections; scale them to the new size."""
-    for rope in _rope_dicts(config.get("rope_parameters")):
-        section = rope.get("mrope_section")
-        if not section:
-            continue
-        old_dim = defaults.get("qk_rope_head_dim") or defaults.get("head_dim") or \
-            defaults["hidden_size"] // defaults["num_attention_heads"]
-        new_dim = config.get("qk_rope_head_dim") or config.get("head_dim") or \
-            config["hidden_size"] // config["num_attention_heads"]
-        target = sum(section) * new_dim // old_dim
-        scaled = [max(1, s * target // sum(section)) for s in section]
-        scaled[0] += target - sum(scaled)
-        rope["mrope_section"] = scaled
+def _rotary_dim(config: dict[str, Any]) -> int:
+    if config.get("qk_rope_head_dim"):
+        return config["qk_rope_head_dim"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor = (config.get("rope_parameters") or {}).get("partial_rotary_factor") or \
+        config.get("partial_rotary_factor") or 1.0
+    return int(head_dim * factor)
 
 
-def _rope_dicts(rope: Any) -> Iterator[dict]:
-    if isinstance(rope, dict):
-        yield rope
-        for value in rope.values():
-            if isinstance(value, dict):
-                yield value
+def _split(total: int, proportions: list[int]) -> list[int]:
+    """``total`` split like ``proportions`` (largest remainders first), e.g. 8 like [24, 20, 20] -> [3, 3, 2]."""
+    exact = [total * p / sum(proportions) for p in proportions]
+    parts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(parts)), key=lambda i: (parts[i] - exact[i], i))
+    for i in by_remainder[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
 
 # --- routers ------------------------------------------------------------------------------------
-_ROUTER_CLASS = re.compile(r"Router|Gate|Gating|TopK", re.IGNORECASE)
-_ROUTER_ATTRIBUTE = re.compile(r"(^|_)(router|gate)$")
+_ROUTER_CLASS = re.compile(r"Router|Gating|TopK", re.IGNORECASE)
+_ROUTER_ATTRIBUTE = re.compile(r"^(router|gate)$")
 
 
 def _randomise_zero_routers(model: torch.nn.Module, config: PretrainedConfig, seed: int) -> None:
     """Give all-zero router tensors random values (see :func:`build_tiny_model`).
 
-    A router is a module whose class name contains Router/Gate/Gating/TopK or whose attribute name
-    is ``router``/``gate``; its 2-D weights with ``hidden`` input columns are the expert logits, its
-    1-D float tensors are logit or selection biases and its 2-D integer tables map tokens to experts.
+    Router state is any tensor inside a router module (class name containing Router/Gating/TopK,
+    or attribute ``router``/``gate``, which finds HunYuan's ``...Gate``) or held directly by an MoE
+    block (a module with an ``experts`` child: AFMoE's and LFM2's ``expert_bias``, HY-V3's score
+    correction), and sized by the expert count. Null/zero experts count: ``E + 1`` (ZAYA, Inkling)
+    and ``E + zero_expert_num`` (LongCat). Linear-attention forget gates and gated norms are not
+    routers and keep their zero-initialised parameters (e.g. GLM-5-Next's ``A_log``).
     """
     import torch
 
+    settings = _flat_settings(config.to_dict())
+    experts = next(settings[k] for k in _EXPERT_COUNTS if isinstance(settings.get(k), int))
+    sizes = {experts, experts + 1, experts + (settings.get("zero_expert_num") or 0)}
+    routers = {name for name, module in model.named_modules()
+               if _ROUTER_CLASS.search(type(module).__name__) or _ROUTER_ATTRIBUTE.search(name.rsplit(".", 1)[-1])}
+    blocks = {name for name, module in model.named_modules()
+              if isinstance(getattr(module, "experts", None), torch.nn.Module)}
     generator = torch.Generator().manual_seed(seed + 1)
-    hidden = config.hidden_size
     with torch.no_grad():
-        for name, module in model.named_modules():
-            attribute = name.rsplit(".", 1)[-1]
-            if not (_ROUTER_CLASS.search(type(module).__name__) or _ROUTER_ATTRIBUTE.search(attribute)):
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            owner = name.rsplit(".", 1)[0]
+            in_router = any(owner == r or owner.startswith(r + ".") for r in routers)
+            if not (in_router or owner in blocks) or tensor.numel() == 0 or tensor.any():
                 continue
-            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if tensor.numel() == 0 or tensor.any():
-                    continue
-                if tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[1] == hidden:
-                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * (0.5 / hidden**0.5))
-                elif tensor.is_floating_point() and tensor.dim() == 1:
-                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-                elif not tensor.is_floating_point() and tensor.dim() == 2:
-                    experts = getattr(module, "num_experts", None) or getattr(module, "n_routed_experts", N_EXPERTS)
-                    tensor.copy_(torch.randint(0, experts, tensor.shape, generator=generator))
+            if tensor.is_floating_point() and tensor.numel() in sizes:
+                # selection biases (score correction, expert bias): small next to the logits
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[0] in sizes:
+                # expert logits W @ h: |h| ~ sqrt(hidden), so the logits get a std of ~0.5
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (0.5 / tensor.shape[1] ** 0.5))
+            elif not tensor.is_floating_point() and tensor.dim() == 2:
+                # token -> expert hash table (DeepSeek-V4): distinct experts for every token
+                ranks = torch.rand(tensor.shape[0], experts, generator=generator).argsort(dim=1)
+                tensor.copy_(ranks[:, : tensor.shape[1]])
+
+
+def _flat_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Top-level settings plus those of sub-config dicts (DBRX keeps its experts in ``ffn_config``)."""
+    nested = [v for v in config.values() if isinstance(v, dict) and "model_type" in v]
+    return {k: v for sub in [*nested, config] for k, v in sub.items()}
 
 
 def _reason(error: BaseException) -> str:
     """``Type: first line of the message [at transformers/<file>:<line> in <function>]``."""
-    message = (str(error).strip().splitlines() or [""])[0][:160]
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/transformers/" in f.filename]
+    # Config validators wrap the real cause: "Class validation error for validator '...':".
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    shown = error.__cause__ if error.__cause__ is not None and first_line.endswith(":") else error
+    message = f"{type(shown).__name__}: " + (str(shown).strip().splitlines() or [""])[0][:160]
+    frames = [f for f in traceback.extract_tb(shown.__traceback__) if "/transformers/" in f.filename]
     where = ""
     if frames:
         frame = frames[-1]
         where = f" [at {frame.filename.split('/transformers/', 1)[1]}:{frame.lineno} in {frame.name}]"
-    return f"{type(error).__name__}: {message}{where}"
+    return f"{message}{where}"

@@ -1,0 +1,196 @@
+"""Conformance over every MoE family of the installed transformers (tiny random models).
+
+The model types are enumerated at collection time from the installed transformers, so a new
+release's families are tested without a change here. Ground truths are independent of moelens'
+discovery and hooks: the experts modules are found here by transformers' own mark (the
+``use_experts_implementation`` decorator's attributes), and what they receive is read with this
+file's own pre-hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import moelens
+from moelens.hooks.adapters import UnsupportedModelError, moe_layers
+from moelens.hooks.routing_check import check_rule, routing_check
+from moelens.interventions import disable, intervene, logit_bias
+from moelens.zoo.families import family_reports, format_reports
+from moelens.zoo.shrink import build_tiny_model, moe_model_types
+
+MODEL_TYPES = moe_model_types()
+
+# Families of transformers 5.24 that moelens traces but cannot steer yet, and why (the table's reasons say the same).
+NOT_STEERABLE = {
+    "deepseek_v4": "its first layers route by a hash of the token id, not by scores",
+    "inkling_text": "the shared experts' scores join the routed experts' normalisation",
+    "kolibri1": "the correction bias is added to the raw logits of a select-then-score rule",
+    "phimoe": "sparsemixer weights are not a top-k of softmax or sigmoid scores",
+    "zaya": "an extra 'skip' class in the router's softmax",
+}
+NOT_TRACED = {
+    "doge": "its MoE (cross-domain, per-token expert retrieval) has no fused experts module",
+    "jetmoe": "its experts take routing in another calling convention",
+    "llama4_text": "its experts receive pre-weighted inputs (dense sigmoid scores), not indices",
+}
+
+
+@functools.cache
+def _built(model_type: str):
+    try:
+        return build_tiny_model(model_type), None
+    except Exception as error:  # noqa: BLE001 - a family that cannot be built is listed, not counted
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _model(model_type: str):
+    if model_type in NOT_TRACED:
+        pytest.skip(f"{model_type}: not traced yet ({NOT_TRACED[model_type]})")
+    model, reason = _built(model_type)
+    if model is None:
+        pytest.skip(f"{model_type}: the tiny model does not build in plain transformers ({reason})")
+    return model
+
+
+def _steerable(model_type: str):
+    model = _model(model_type)
+    if not routing_check(model).verified:
+        pytest.skip(f"{model_type}: no routing rule reproduces it ({routing_check(model).problem})")
+    return model
+
+
+def _batch(model):
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 250, (2, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: these tokens must not be recorded
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _experts_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """Experts modules as transformers' experts interface defines them: the decorator's mark, or a
+    forward taking ``top_k_index``; inside a list of decoder layers (``...<list>.<i>....``)."""
+    import inspect
+
+    def is_experts(module):
+        return hasattr(module, "_is_expert_parallel") or "top_k_index" in inspect.signature(type(module).forward).parameters
+
+    found = [(name, m) for name, m in model.named_modules() if is_experts(m) and any(p.isdigit() for p in name.split("."))]
+    assert found, "no experts module follows transformers' experts interface"
+    return found
+
+
+def _layer_of(name: str) -> int:
+    return int(next(part for part in name.split(".") if part.isdigit()))
+
+
+def _received(model, batch):
+    """{layer: (index [T, k], weights [T, k])} for the real tokens, as the experts received them."""
+    seen = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+            seen[_layer_of(name)] = (index.clone(), weights.float().clone())
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in _experts_modules(model)]
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    real = batch["attention_mask"].reshape(-1).bool()
+    return {layer: (index[real], weights[real]) for layer, (index, weights) in seen.items()}, logits
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_trace_equals_what_the_experts_received(model_type):
+    model = _model(model_type)
+    batch = _batch(model)
+    received, _ = _received(model, batch)
+    assert received
+    with torch.no_grad(), moelens.trace(model) as tracer:
+        model(**batch)
+    routes = tracer.routes
+    assert sorted(routes["layer"].unique()) == sorted(received)
+    tokens = tracer.tokens.sort_values(["prompt_id", "position"])
+    assert len(tokens) == int(batch["attention_mask"].sum())
+    for layer, (index, weights) in received.items():
+        got = routes[routes.layer == layer].sort_values(["prompt_id", "position", "expert"])
+        expected_index, order = index.sort(dim=-1)
+        assert got["expert"].tolist() == expected_index.reshape(-1).tolist()
+        expected_weights = weights.gather(-1, order).reshape(-1)
+        # the store keeps weights as float16 (relative resolution 2^-11)
+        torch.testing.assert_close(torch.tensor(got["weight"].tolist()), expected_weights, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_identity_rerouting_reproduces_the_logits(model_type):
+    """Every MoE layer re-routed through the kernel with nothing changed (a zero logit bias)."""
+    model = _steerable(model_type)
+    batch = _batch(model)
+    received, plain = _received(model, batch)
+    spec = logit_bias({layer.index: {0: 0.0} for layer in moe_layers(model)})
+    with intervene(model, spec):
+        rerouted, logits = _received(model, batch)
+    for layer, (index, weights) in received.items():
+        assert torch.equal(rerouted[layer][0].sort(dim=-1).values, index.sort(dim=-1).values)
+    torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_disabling_an_expert_removes_it(model_type):
+    model = _steerable(model_type)
+    batch = _batch(model)
+    received, plain = _received(model, batch)
+    layer = min(received)
+    busiest = int(received[layer][0].reshape(-1).bincount().argmax())
+    with intervene(model, disable({layer: [busiest]})):
+        steered, logits = _received(model, batch)
+    assert busiest not in steered[layer][0].reshape(-1).tolist()
+    assert not torch.equal(logits, plain)
+    _, after = _received(model, batch)
+    assert torch.equal(after, plain)  # the model leaves the block as it was
+
+
+def test_a_mis_specified_rule_is_refused_with_what_differed():
+    model = build_tiny_model("mixtral")
+    rule = routing_check(model).rule
+    assert rule is not None and rule.renormalize
+    from dataclasses import replace
+
+    check = check_rule(model, replace(rule, renormalize=False))
+    assert not check.verified and check.problem.startswith("weights differ at layer 0 on 32 of 32 tokens")
+    check = check_rule(model, replace(rule, score="sigmoid", renormalize=False))
+    assert not check.verified and "differ at layer 0" in check.problem
+    check = check_rule(model, replace(rule, top_k=3))
+    assert not check.verified and "the experts receive 2 experts per token, the rule selects 3" in check.problem
+    assert check_rule(model, rule).verified
+
+
+def test_an_unreproducible_router_is_traced_but_not_steered():
+    model = build_tiny_model("phimoe")  # sparsemixer: weights are not a top-k of softmax or sigmoid scores
+    with torch.no_grad(), moelens.trace(model) as tracer:
+        model(**_batch(model))
+    assert len(tracer.routes) > 0
+    with pytest.raises(UnsupportedModelError, match="cannot steer it: .*weights differ at layer 0"):
+        with intervene(model, disable({0: [0]})):
+            pass
+
+
+def test_coverage_of_the_installed_transformers():
+    """Every family that builds is traced and steered, except the listed ones (each with its reason)."""
+    reports = family_reports(MODEL_TYPES)
+    built = [r for r in reports if r.built]
+    table = format_reports(reports)
+    assert len(built) >= 60, table
+    assert {r.model_type for r in built if not r.traced} <= set(NOT_TRACED), table
+    assert {r.model_type for r in built if not r.steerable} <= set(NOT_TRACED) | set(NOT_STEERABLE), table
+    assert all(r.reason for r in reports if not r.steerable)
