@@ -51,6 +51,10 @@ class MoeLayer:
     num_experts: int
     top_k: int
     correction_bias: str | None = None  # path from the block of a tensor [E] added to the scores for choice only (DeepSeek-V3 kin)
+    # the experts take no routing arguments: the router returns a dense [T, E] score matrix (zero
+    # off the chosen experts) that the block applies to the experts' inputs (Llama 4); the routing
+    # is read from, and replaced in, the router's output
+    dense_scores: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,9 +193,16 @@ def _moe_layer(model: nn.Module, index: int, experts: nn.Module, config: Any) ->
             num_experts=num_experts,
             top_k=int(top_k),
             correction_bias=_correction_bias(block, router, experts, num_experts),
+            dense_scores=not _takes_routing(experts),
         ),
         "",
     )
+
+
+def _takes_routing(experts: nn.Module) -> bool:
+    """Whether the experts' forward takes (hidden_states, top_k_index, top_k_weights) or a superset."""
+    parameters = [p for p in inspect.signature(type(experts).forward).parameters.values() if p.name != "self"]
+    return any(p.kind == p.VAR_POSITIONAL for p in parameters) or len(parameters) >= 3
 
 
 def _num_experts(experts: nn.Module) -> int:
@@ -297,12 +308,16 @@ def _router_like_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def router_logits(output: Any, num_experts: int) -> torch.Tensor:
+def router_logits(output: Any, layer: MoeLayer) -> torch.Tensor:
     """[T, E] the router logits in a router's output: the output itself, or the first [.., E]
-    float tensor of the tuple it returns (``(logits, weights, indices)`` by transformers' convention)."""
+    float tensor of the tuple it returns (``(logits, weights, indices)`` by transformers' convention;
+    for dense-score routers, ``(scores, logits)``, the one after the scores)."""
     import torch
 
+    num_experts = layer.num_experts
     values = [v for v in (output if isinstance(output, tuple) else (output,)) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if layer.dense_scores and len(values) > 1:
+        values = values[1:]
     for value in values:
         if value.shape[-1] == num_experts:
             return value.reshape(-1, num_experts)
@@ -340,3 +355,27 @@ def correction_bias_of(layer: MoeLayer) -> torch.Tensor | None:
     if layer.correction_bias is None:
         return None
     return materialized(layer.block, layer.correction_bias).reshape(-1)
+
+
+def dense_routing(output: Any, layer: MoeLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index [T, k], top_k_weights [T, k]) of a dense-score router's output: its k largest
+    scores (the chosen experts; every other score is zero, which the routing check verifies)."""
+    import torch
+
+    scores = output[0] if isinstance(output, tuple) else output
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.shape[-1] != layer.num_experts:
+        raise UnsupportedModelError(
+            f"layer {layer.index}: {type(layer.experts).__name__} takes no routing arguments and the router's first output "
+            f"is not a [tokens, {layer.num_experts}] score matrix, so moelens cannot read which experts were chosen"
+        )
+    weights, index = scores.reshape(-1, layer.num_experts).topk(layer.top_k, dim=-1)
+    return index, weights
+
+
+def with_dense_routing(output: Any, index: torch.Tensor, weights: torch.Tensor) -> Any:
+    """A dense-score router's output with the scores replaced by ``weights`` at ``index`` (zero
+    elsewhere; added, so an empty slot's zero-weight repeat of an expert changes nothing)."""
+    scores = output[0] if isinstance(output, tuple) else output
+    dense = scores.new_zeros(scores.reshape(-1, scores.shape[-1]).shape).scatter_add_(1, index, weights.to(scores.dtype))
+    dense = dense.reshape(scores.shape)
+    return (dense, *output[1:]) if isinstance(output, tuple) else dense

@@ -34,6 +34,7 @@ from moelens.hooks.adapters import (
     experts_routing,
     execution_device,
     correction_bias_of,
+    dense_routing,
     input_device,
     moe_view,
     router_logits,
@@ -121,7 +122,10 @@ def _observe(model: nn.Module) -> list[_Observed]:
 
     def on_router(layer: MoeLayer) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            seen[layer.index]["logits"] = router_logits(output, layer.num_experts).detach()
+            seen[layer.index]["logits"] = router_logits(output, layer).detach()
+            if layer.dense_scores:
+                seen[layer.index]["routing"] = dense_routing(output, layer)
+                seen[layer.index]["dense"] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -137,7 +141,8 @@ def _observe(model: nn.Module) -> list[_Observed]:
     try:
         for layer in view.layers:
             handles.append(layer.router.register_forward_hook(on_router(layer)))
-            handles.append(layer.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
+            if not layer.dense_scores:
+                handles.append(layer.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
         with torch.no_grad():
             try:
                 for layer in view.layers:
@@ -164,6 +169,11 @@ def _observe(model: nn.Module) -> list[_Observed]:
                 "top_k_weights), so the routing the experts use cannot be read or replaced"
             )
         index, weights = record["routing"]
+        if "dense" in record and int((record["dense"] != 0).sum(dim=-1).max()) > layer.top_k:
+            raise UnsupportedModelError(
+                f"layer {layer.index}: the router's dense scores are non-zero on more than top-k = {layer.top_k} experts per "
+                "token, so the chosen experts cannot be read from them"
+            )
         bias = correction_bias_of(layer)
         bias = bias.detach().float().cpu() if bias is not None else None
         observed.append(

@@ -44,13 +44,16 @@ def capture_routes(wrapper: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]
     """Inside a trace: ``{layer: (weights [T, k], indices [T, k])}`` as the experts received them, saved."""
     import nnsight
 
-    from moelens.hooks.adapters import experts_routing, module_name, moe_layers
+    from moelens.hooks.adapters import dense_routing, experts_routing, module_name, moe_layers
 
     model = _unwrapped(wrapper)
     routes = nnsight.save({})  # saved: nnsight hands it back to the caller's frame after the block
     for layer in moe_layers(model):
-        args, kwargs = _envoy(wrapper, module_name(model, layer.experts)).inputs
-        index, weights = experts_routing(args, kwargs)
+        if layer.dense_scores:
+            index, weights = dense_routing(_envoy(wrapper, module_name(model, layer.router)).output, layer)
+        else:
+            args, kwargs = _envoy(wrapper, module_name(model, layer.experts)).inputs
+            index, weights = experts_routing(args, kwargs)
         routes[layer.index] = (weights, index)
     return routes
 
@@ -62,7 +65,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
     Token-scoped parts (``tokens="prompt"`` ...) are refused: within nnsight, scope with its own
     step selection (``tracer.iter[...]``) instead.
     """
-    from moelens.hooks.adapters import experts_routing, module_name, router_logits, with_experts_routing
+    from moelens.hooks.adapters import experts_routing, module_name, router_logits, with_dense_routing, with_experts_routing
     from moelens.interventions.apply import bind, fill_empty_slots, kernel_logits
     from moelens.kernels.routing import route
 
@@ -72,11 +75,16 @@ def steer(wrapper: Any, spec: Intervention) -> None:
     model = _unwrapped(wrapper)
     for plan in bind(model, spec):
         layer = plan.layer
-        logits = router_logits(_envoy(wrapper, module_name(model, layer.router)).output, layer.num_experts)
-        experts = _envoy(wrapper, module_name(model, layer.experts))
-        args, kwargs = experts.inputs
-        weights = experts_routing(args, kwargs)[1]
+        router = _envoy(wrapper, module_name(model, layer.router))
+        output = router.output
+        logits = router_logits(output, layer)
         correction_bias, (variant,) = plan.on(logits.device)
         routed = route(kernel_logits(plan, logits), plan.rule, correction_bias=correction_bias, controls=variant.controls)
         new_weights, new_indices = fill_empty_slots(*routed, layer.num_experts)
+        if layer.dense_scores:  # Llama 4: the router's dense score matrix is what the experts get
+            router.output = with_dense_routing(output, new_indices, new_weights)
+            continue
+        experts = _envoy(wrapper, module_name(model, layer.experts))
+        args, kwargs = experts.inputs
+        weights = experts_routing(args, kwargs)[1]
         experts.inputs = with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))

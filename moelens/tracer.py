@@ -10,7 +10,8 @@ the model used, read from what the experts module received (never re-derived). O
 * a forward pre-hook on each MoE layer's experts module: the ``top_k_index`` and
   ``top_k_weights`` it is called with, i.e. the routing the model used, after everything the
   family's block did to the router's output (exact for every family, whatever its router returns);
-* a forward hook on each MoE layer's router: its logits (for ``full_logits`` and the NaN check).
+* a forward hook on each MoE layer's router: its logits (for ``full_logits`` and the NaN check),
+  and the routing itself where the experts take none (Llama 4's dense score matrix).
 
 Routing data stays on the model's device until the block ends, then moves to the host once.
 A step in which a router or experts module that should have fired did not raises
@@ -23,7 +24,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, experts_routing, moe_layers, moe_view, router_logits
+from moelens.hooks.adapters import MoeLayer, dense_routing, experts_routing, moe_layers, moe_view, router_logits
 from moelens.hooks import routing_check
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
@@ -105,7 +106,8 @@ class Tracer(TraceTables):
             self._handles.append(self._stack.register_forward_hook(self._end_step, always_call=True))
             for layer in self.layers:
                 self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
-                self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True))
+                if not layer.dense_scores:
+                    self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -152,8 +154,13 @@ class Tracer(TraceTables):
 
     def _router_hook(self, layer: MoeLayer) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if self._current is not None:  # None: the router ran outside the decoder stack's forward
-                self._current.logits[layer.index] = router_logits(output, layer.num_experts).detach()
+            step = self._current
+            if step is None:  # the router ran outside the decoder stack's forward
+                return
+            step.logits[layer.index] = router_logits(output, layer).detach()
+            if layer.dense_scores:  # the routing is in the router's output (Llama 4)
+                index, weights = dense_routing(output, layer)
+                step.routing[layer.index] = (index.detach(), weights.detach())
 
         return record
 

@@ -34,7 +34,6 @@ NOT_STEERABLE = {
 NOT_TRACED = {
     "doge": "its MoE (cross-domain, per-token expert retrieval) has no fused experts module",
     "jetmoe": "its experts take routing in another calling convention",
-    "llama4_text": "its experts receive pre-weighted inputs (dense sigmoid scores), not indices",
 }
 
 
@@ -87,9 +86,39 @@ def _layer_of(name: str) -> int:
     return int(next(part for part in name.split(".") if part.isdigit()))
 
 
+def _dense_routers(model) -> list[tuple[str, torch.nn.Module]]:
+    """Routers whose experts take no routing arguments (Llama 4): by transformers' class naming,
+    in layers without an experts-interface module; they return a dense [T, E] score matrix."""
+    with_interface = {_layer_of(name) for name, _ in _experts_modules(model)} if _has_interface(model) else set()
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("Router") and any(p.isdigit() for p in name.split(".")) and _layer_of(name) not in with_interface
+    ]
+
+
+def _has_interface(model) -> bool:
+    try:
+        _experts_modules(model)
+    except AssertionError:
+        return False
+    return True
+
+
 def _received(model, batch):
-    """{layer: (index [T, k], weights [T, k])} for the real tokens, as the experts received them."""
+    """{layer: (index [T, k], weights [T, k])} for the real tokens, as the experts received them
+    (for dense-score routers: the non-zero scores of the matrix the block applies to the experts)."""
     seen = {}
+
+    def dense(name):
+        def record(module, args, output):
+            scores = output[0].reshape(-1, output[0].shape[-1])
+            k = int((scores[0] != 0).sum())
+            index = torch.stack([row.nonzero().flatten() for row in scores])  # every row has k non-zeros
+            assert index.shape[1] == k
+            seen[_layer_of(name)] = (index, scores.gather(-1, index).float())
+
+        return record
 
     def hook(name):
         def record(module, args, kwargs):
@@ -99,7 +128,8 @@ def _received(model, batch):
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in _experts_modules(model)]
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in _experts_modules(model)] if _has_interface(model) else []
+    handles += [m.register_forward_hook(dense(name)) for name, m in _dense_routers(model)]
     try:
         with torch.no_grad():
             logits = model(**batch).logits

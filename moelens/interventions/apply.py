@@ -7,7 +7,8 @@ has one intervention session: whatever the number of nested ``intervene`` blocks
 union of the active specs and, per affected MoE layer, registers ONE hook pair: the router's
 forward hook keeps its logits, and a forward pre-hook on the experts module (prepended, so any
 tracer sees the routing the model actually used) replaces the ``top_k_index`` / ``top_k_weights``
-the experts receive by :func:`moelens.kernels.routing.route` of those logits. A hook that
+the experts receive by :func:`moelens.kernels.routing.route` of those logits. Where the experts
+take no routing (Llama 4), one router hook replaces the dense score matrix the router returns. A hook that
 re-routed on its own would discard what an outer block's hook did. No parameter or module is
 modified: leaving the last block removes the hooks, and the model is bitwise what it was, also
 when the body raised.
@@ -21,7 +22,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, correction_bias_of, experts_routing, moe_view, router_logits, with_experts_routing
+from moelens.hooks.adapters import (
+    MoeLayer,
+    correction_bias_of,
+    experts_routing,
+    moe_view,
+    router_logits,
+    with_dense_routing,
+    with_experts_routing,
+)
 from moelens.hooks.routing_check import routing_check, verified_rule
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
@@ -384,9 +393,12 @@ class _Session:
 
                 self._handles.append(moe_view(self.model).stack.register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
             for plan in plans:
+                # prepended: a tracer's hook on the same module sees the routing the model used
+                if plan.layer.dense_scores:
+                    self._handles.append(plan.layer.router.register_forward_hook(_rescore_hook(plan, self._step), prepend=True))
+                    continue
                 logits: dict[str, torch.Tensor] = {}
                 self._handles.append(plan.layer.router.register_forward_hook(_keep_logits(plan.layer, logits)))
-                # prepended: a tracer's hook on the same experts sees the routing the model used
                 self._handles.append(
                     plan.layer.experts.register_forward_pre_hook(_reroute_hook(plan, logits, self._step), with_kwargs=True, prepend=True)
                 )
@@ -432,7 +444,7 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
 
 def _keep_logits(layer: MoeLayer, kept: dict[str, torch.Tensor]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        kept["logits"] = router_logits(output, layer.num_experts)
+        kept["logits"] = router_logits(output, layer)
 
     return hook
 
@@ -446,6 +458,17 @@ def _reroute_hook(plan: _LayerPlan, kept: dict[str, torch.Tensor], current: dict
         weights = routing[1]
         new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
         return with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))
+
+    return hook
+
+
+def _rescore_hook(plan: _LayerPlan, current: dict[str, StepTokens | None]) -> Callable[..., Any]:
+    """Dense-score routers (Llama 4): replace the score matrix the block applies to the experts."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        logits = router_logits(output, plan.layer)
+        weights, indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
+        return with_dense_routing(output, indices, weights)
 
     return hook
 
