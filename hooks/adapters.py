@@ -5,9 +5,12 @@ family names, so a family added by a later transformers release that follows the
 without a code change:
 
 * **experts**: a module whose class went through transformers' ``use_experts_implementation``
-  (recognised by the attributes that decorator sets) or, failing that, a module named ``experts``
-  holding 3-D fused weights ``[E, ...]``. Its forward receives ``(hidden_states, top_k_index,
-  top_k_weights)``: what the routing decided, after everything the family's block did to it.
+  (recognised by the attributes that decorator sets), whose forward takes ``top_k_index``, or,
+  failing that, an ``...Experts`` module holding 3-D fused weights ``[E, ...]``. Its forward
+  receives ``(hidden_states, top_k_index, top_k_weights)``: what the routing decided, after
+  everything the family's block did to it. Where the experts take no routing (Llama 4), the
+  router returns a dense ``[T, E]`` score matrix that the block applies to the experts' inputs
+  (:attr:`MoeLayer.dense_scores`), and the routing is read there.
 * **MoE block**: the experts' parent module.
 * **router**: the block's child whose parameters include an ``[E, hidden]`` matrix (the scoring
   weights), preferring a child named ``router`` or ``gate``.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,6 +58,9 @@ class MoeLayer:
     # off the chosen experts) that the block applies to the experts' inputs (Llama 4); the routing
     # is read from, and replaced in, the router's output
     dense_scores: bool = False
+    # further experts modules in the same decoder layer, not traced (ERNIE-VL's vision experts,
+    # which only image tokens reach)
+    other_experts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +114,8 @@ def _discover(model: nn.Module) -> MoeView:
         if not experts_modules:
             continue  # a dense (or attention-only) layer
         layer, why = _moe_layer(model, index, experts_modules[0], config)
+        if layer is not None and len(experts_modules) > 1:
+            layer = replace(layer, other_experts=tuple(module_name(model, m) for m in experts_modules[1:]))
         if layer is None:
             skipped.append(f"layer {index}: {why}")
         else:

@@ -104,8 +104,8 @@ def load(
     Raises:
         ModelNotFoundError: the name is not a zoo model, not a checkpoint directory, or a hub id
             that is neither in the local Hugging Face cache nor reachable.
-        moelens.hooks.adapters.UnsupportedModelError: the model has no MoE layers or its family is
-            not supported (the message names the supported families).
+        moelens.hooks.adapters.UnsupportedModelError: the model has no MoE layers moelens can
+            read (the message says what was found instead).
     """
     import torch
 

@@ -421,7 +421,8 @@ def trace(
     """Record routing decisions of ``model`` inside a ``with`` block.
 
     Args:
-        model: a transformers MoE model of a supported family.
+        model: a transformers MoE model (any family whose experts follow transformers' experts
+            interface, or whose router returns a dense score matrix; see ``moelens families``).
         tokenizer: if given, the ``tokens`` table carries token strings.
         full_logits: also record every router's full logits (``logits`` table, float16).
         prompt_ids: ids for the prompts in the order the traced forward calls meet them (a new

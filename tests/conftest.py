@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of every supported family, built once per session."""
+"""Shared fixtures: tiny models of the nine hand-configured families, built once per session."""
 
 from __future__ import annotations
 

@@ -224,3 +224,30 @@ def test_coverage_of_the_installed_transformers():
     assert {r.model_type for r in built if not r.traced} <= set(NOT_TRACED), table
     assert {r.model_type for r in built if not r.steerable} <= set(NOT_TRACED) | set(NOT_STEERABLE), table
     assert all(r.reason for r in reports if not r.steerable)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_pruned_export_round_trips(model_type, tmp_path):
+    """Where the family allows it, the exported checkpoint computes what the prune intervention does."""
+    from moelens.interventions import prune
+    from moelens.interventions.export import export_pruned
+    from moelens.interventions.spec import SpecError
+    from moelens.zoo.tiny import build_byte_tokenizer
+
+    model = _steerable(model_type)
+    layers = moe_layers(model)
+    keep_count = max(layers[0].top_k, layers[0].num_experts // 2)
+    keep = {layer.index: list(range(1, keep_count + 1)) for layer in layers}
+    batch = _batch(model)
+    with torch.no_grad(), intervene(model, prune(keep)):
+        expected = model(**batch).logits
+    try:
+        export_pruned(model, build_byte_tokenizer(), prune(keep), tmp_path / "pruned")
+    except SpecError as refusal:
+        pytest.skip(f"{model_type}: export refused: {refusal}")
+    reloaded = type(model).from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)

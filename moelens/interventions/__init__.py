@@ -1,4 +1,5 @@
-"""Interventions: change which experts fire, at inference, on any supported family.
+"""Interventions: change which experts fire, at inference, on any model whose routing rule is verified
+(``moelens families`` lists them; the others are refused with what differed).
 
 Build a spec with the constructors, combine with ``+``, apply with :func:`intervene`::
 

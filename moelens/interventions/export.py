@@ -20,7 +20,7 @@ from moelens.hooks.adapters import module_name, moe_layers
 from moelens.interventions.apply import bind
 from moelens.interventions.spec import Intervention, Prune, SpecError
 
-_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _keep_sets(model: Any, spec: Intervention) -> dict[int, list[int]]:
@@ -39,20 +39,40 @@ def _keep_sets(model: Any, spec: Intervention) -> dict[int, list[int]]:
 
 
 def export_pruned(model: Any, tokenizer: Any, spec: Intervention, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model`` with only the experts ``spec`` keeps to ``out_dir``; returns the directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Write ``model`` with only the experts ``spec`` keeps to ``out_dir``; returns the directory.
 
-    bind(model, spec)  # ranges, dense layers, top-k: the same checks as the intervention
+    Refused (:class:`SpecError`) where removing experts cannot keep the routing: group-limited
+    rules (the groups would change) and configs without a known expert-count field.
+    """
+    import torch
+
+    plans = bind(model, spec)  # ranges, dense layers, top-k and the verified rule: the intervention's checks
     keep = _keep_sets(model, spec)
-    config = copy.deepcopy(model.config)
-    if getattr(config, "n_group", 1) not in (None, 1):
+    grouped = next((plan.rule for plan in plans if plan.rule.n_group > 1), None)
+    if grouped is not None:
         raise SpecError(
-            f"prune export: {config.model_type} routes within {config.n_group} expert groups; removing experts would "
+            f"prune export: {model.config.model_type} routes within {grouped.n_group} expert groups; removing experts would "
             "regroup the rest and change routing. Use the prune intervention instead."
         )
-    count_field = next(name for name in _EXPERT_COUNT_FIELDS if getattr(config, name, None))
-    setattr(config, count_field, len(next(iter(keep.values()))))
+    shared_layers = [layer.index for layer in moe_layers(model) if layer.other_experts]
+    if shared_layers:
+        raise SpecError(
+            f"prune export: layers {shared_layers} hold a second set of experts ({moe_layers(model)[0].other_experts[0]}, ...) "
+            "that a prune spec does not cover; use the prune intervention instead"
+        )
+    uneven = [layer.index for layer in moe_layers(model) if {p.shape[0] for p in layer.experts.parameters() if p.dim() == 3} != {layer.num_experts}]
+    if uneven:
+        raise SpecError(
+            f"prune export: the experts of layers {uneven} are not all stored as {moe_layers(model)[0].num_experts} weight "
+            "slices (e.g. LongCat's zero-computation experts have none); use the prune intervention instead"
+        )
+    config = copy.deepcopy(model.config)
+    counts = config.get_text_config()  # the text backbone's config (the config itself for text models)
+    count_fields = [name for name in _EXPERT_COUNT_FIELDS if isinstance(getattr(counts, name, None), int)]
+    if not count_fields:
+        raise SpecError(f"prune export: {config.model_type}'s config has none of {', '.join(_EXPERT_COUNT_FIELDS)}")
+    for name in count_fields:
+        setattr(counts, name, len(next(iter(keep.values()))))
     state = model.state_dict()
     for layer in moe_layers(model):
         index = torch.tensor(keep[layer.index])
@@ -61,7 +81,11 @@ def export_pruned(model: Any, tokenizer: Any, spec: Intervention, out_dir: str |
             for name, tensor in list(state.items()):
                 if name.startswith(prefix + ".") and tensor.dim() >= 1 and tensor.shape[0] == layer.num_experts:
                     state[name] = tensor.index_select(0, index.to(tensor.device)).clone()
-    pruned = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+        bias_name = f"{layer.name}.{layer.correction_bias}"
+        if layer.correction_bias is not None and state[bias_name].shape[-1] == layer.num_experts:
+            # held by the block, or [1, E]: not sliced with the router's rows above
+            state[bias_name] = state[bias_name].index_select(-1, index.to(state[bias_name].device)).clone()
+    pruned = type(model)._from_config(config, dtype=next(model.parameters()).dtype)  # the class it was loaded as
     pruned.load_state_dict(state, strict=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

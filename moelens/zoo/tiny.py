@@ -1,4 +1,7 @@
-"""Seeded, randomly initialised tiny models of every supported family (``tiny:<family>``).
+"""Seeded, randomly initialised tiny models of nine hand-configured families (``tiny:<family>``).
+
+These are the fixtures of the main test suite; every other MoE family of the installed
+transformers gets a tiny model from the generic shrinker (:mod:`moelens.zoo.shrink`).
 
 They exercise the exact transformers code path of each family (shared experts, dense leading
 layers, group-limited routing, router biases) at a size that runs in milliseconds on a CPU. Random
