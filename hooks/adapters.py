@@ -14,6 +14,8 @@ without a code change:
 * **MoE block**: the experts' parent module.
 * **router**: the block's child whose parameters include an ``[E, hidden]`` matrix (the scoring
   weights), preferring a child named ``router`` or ``gate``.
+* **correction bias / expert scale**: a tensor of E values named ``*bias*`` / ``*scale*`` held by
+  the router (any depth) or by the block (which passes it to the router).
 * **shared expert**: a block child whose name starts with ``shared`` and holds parameters other
   than a one-output gate.
 * **decoder layer**: the index, in the text decoder stack's ``layers`` list, of the layer holding
@@ -58,6 +60,7 @@ class MoeLayer:
     # off the chosen experts) that the block applies to the experts' inputs (Llama 4); the routing
     # is read from, and replaced in, the router's output
     dense_scores: bool = False
+    expert_scale: str | None = None  # path from the block of a router tensor [E] scaling each chosen expert's weight (Gemma 4)
     # further experts modules in the same decoder layer, not traced (ERNIE-VL's vision experts,
     # which only image tokens reach)
     other_experts: tuple[str, ...] = ()
@@ -200,7 +203,8 @@ def _moe_layer(model: nn.Module, index: int, experts: nn.Module, config: Any) ->
             shared=shared,
             num_experts=num_experts,
             top_k=int(top_k),
-            correction_bias=_correction_bias(block, router, experts, num_experts),
+            correction_bias=_per_expert(block, router, num_experts, "bias"),
+            expert_scale=_per_expert(block, router, num_experts, "scale"),
             dense_scores=not _takes_routing(experts),
         ),
         "",
@@ -245,16 +249,19 @@ def _is_mlp(module: nn.Module, hidden: int) -> bool:
     return any(p.dim() == 2 and hidden in p.shape and min(p.shape) > 1 for p in module.parameters())
 
 
-def _correction_bias(block: nn.Module, router: nn.Module, experts: nn.Module, num_experts: int) -> str | None:
-    """Path (from the block) of a score-correction bias: a tensor of E values named like a bias,
-    in the router (any depth) or held by the block itself and passed to the router. A linear
-    layer's own ``bias`` is excluded: it is already in the logits."""
+def _router_tensors(block: nn.Module, router: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(path from the block, tensor) of every router tensor (any depth) and of the block's own."""
     router_path = next(name for name, child in block.named_children() if child is router)
     owned = [(f"{router_path}.{name}", t) for name, t in [*router.named_buffers(), *router.named_parameters()]]
-    owned += [*block.named_buffers(recurse=False), *block.named_parameters(recurse=False)]
-    for path, tensor in owned:
+    return owned + [*block.named_buffers(recurse=False), *block.named_parameters(recurse=False)]
+
+
+def _per_expert(block: nn.Module, router: nn.Module, num_experts: int, word: str) -> str | None:
+    """Path of a tensor of E values whose name contains ``word``, in the router or on the block.
+    A linear layer's own ``bias`` is excluded: it is already in the logits."""
+    for path, tensor in _router_tensors(block, router):
         leaf = path.rsplit(".", 1)[-1]
-        if leaf != "bias" and "bias" in leaf and tensor.numel() == num_experts and tensor.shape[-1] == num_experts:
+        if leaf != "bias" and word in leaf and tensor.numel() == num_experts and tensor.shape[-1] == num_experts:
             return path
     return None
 
@@ -360,9 +367,12 @@ def with_experts_routing(
 
 def correction_bias_of(layer: MoeLayer) -> torch.Tensor | None:
     """[E] the layer's score-correction bias (``None`` if it has none), offloaded values included."""
-    if layer.correction_bias is None:
-        return None
-    return materialized(layer.block, layer.correction_bias).reshape(-1)
+    return None if layer.correction_bias is None else materialized(layer.block, layer.correction_bias).reshape(-1)
+
+
+def expert_scale_of(layer: MoeLayer) -> torch.Tensor | None:
+    """[E] the layer's per-expert weight scale (``None`` if it has none), offloaded values included."""
+    return None if layer.expert_scale is None else materialized(layer.block, layer.expert_scale).reshape(-1)
 
 
 def dense_routing(output: Any, layer: MoeLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from moelens.hooks.adapters import (
     experts_routing,
     execution_device,
     correction_bias_of,
+    expert_scale_of,
     dense_routing,
     input_device,
     moe_view,
@@ -48,12 +49,36 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class RouterReading:
+    """How the router's tensors enter the kernel, beyond the rule itself."""
+
+    correction_bias: bool = False  # add the layer's score-correction bias to the choice scores
+    probabilities: bool = False  # the router returns softmax probabilities: the kernel routes their log
+    expert_scale: bool = False  # each chosen expert's weight is multiplied by its own learned scale (Gemma 4)
+
+    def kernel_logits(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """[T, E] float32 what the kernel routes from: the router's logits, or the log of the
+        probabilities it returns (softmax of log-probabilities gives the probabilities back)."""
+        return router_logits.float().log() if self.probabilities else router_logits.float()
+
+    def describe(self) -> list[str]:
+        return [
+            words
+            for on, words in (
+                (self.correction_bias, "correction bias"),
+                (self.probabilities, "router returns probabilities"),
+                (self.expert_scale, "per-expert scale"),
+            )
+            if on
+        ]
+
+
+@dataclass(frozen=True)
 class RoutingCheck:
     """The outcome of checking a routing rule against a model's own routing."""
 
     rule: RoutingRule | None  # the verified rule; None when no candidate reproduces the model
-    correction_bias: bool  # whether the rule adds each router's score-correction bias to the choice
-    probabilities: bool  # the router returns softmax probabilities, not logits: the kernel takes their log
+    reading: RouterReading
     problem: str | None  # what differed (for the config's own rule), None when verified
     tokens: int  # tokens compared at each MoE layer
     candidates: int  # rules tried
@@ -73,6 +98,7 @@ class _Observed:
     weights: torch.Tensor  # [T, k] the experts' top_k_weights, as float32
     weights_dtype: torch.dtype  # the dtype the experts received the weights in
     correction_bias: torch.Tensor | None  # [E]
+    expert_scale: torch.Tensor | None  # [E]
 
 
 _CHECKS: weakref.WeakKeyDictionary[Any, RoutingCheck] = weakref.WeakKeyDictionary()
@@ -99,11 +125,21 @@ def verified_rule(model: nn.Module) -> RoutingRule:
     return check.rule
 
 
-def check_rule(model: nn.Module, rule: RoutingRule, *, correction_bias: bool = True, probabilities: bool = False) -> RoutingCheck:
+def check_rule(model: nn.Module, rule: RoutingRule, reading: RouterReading = RouterReading()) -> RoutingCheck:
     """Check a given ``rule`` against ``model`` (not cached): ``problem`` says what differed."""
     observed = _observe(model)
-    problem = _mismatch(rule, observed, correction_bias, probabilities)
-    return RoutingCheck(rule if problem is None else None, correction_bias, probabilities, problem, _tokens(observed), 1)
+    problem = _mismatch(rule, reading, observed)
+    return RoutingCheck(rule if problem is None else None, reading, problem, _tokens(observed), 1)
+
+
+def scaled_by_expert(weights: torch.Tensor, indices: torch.Tensor, expert_scale: torch.Tensor | None) -> torch.Tensor:
+    """[T, K] ``weights`` times each slot's expert scale (empty slots, index E, stay 0)."""
+    import torch
+
+    if expert_scale is None:
+        return weights
+    padded = torch.cat([expert_scale.float(), expert_scale.new_zeros(1, dtype=torch.float32)])  # [E + 1]
+    return weights * padded[indices]
 
 
 def _tokens(observed: list[_Observed]) -> int:
@@ -174,10 +210,11 @@ def _observe(model: nn.Module) -> list[_Observed]:
                 f"layer {layer.index}: the router's dense scores are non-zero on more than top-k = {layer.top_k} experts per "
                 "token, so the chosen experts cannot be read from them"
             )
-        bias = correction_bias_of(layer)
+        bias, scale = correction_bias_of(layer), expert_scale_of(layer)
         bias = bias.detach().float().cpu() if bias is not None else None
+        scale = scale.detach().float().cpu() if scale is not None else None
         observed.append(
-            _Observed(layer, record["logits"].float().cpu(), index.cpu(), weights.float().cpu(), weights.dtype, bias)
+            _Observed(layer, record["logits"].float().cpu(), index.cpu(), weights.float().cpu(), weights.dtype, bias, scale)
         )
     return observed
 
@@ -206,17 +243,16 @@ def _dtype(module: nn.Module) -> torch.dtype:
 def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:
     candidates = _candidates(moe_view(model).text_config, observed)
     first_problem = None
-    for count, (rule, use_bias, probabilities) in enumerate(candidates, start=1):
-        problem = _mismatch(rule, observed, use_bias, probabilities)
+    for count, (rule, reading) in enumerate(candidates, start=1):
+        problem = _mismatch(rule, reading, observed)
         if problem is None:
-            return RoutingCheck(rule, use_bias, probabilities, None, _tokens(observed), count)
-        first_problem = first_problem or f"With the config's rule ({describe_rule(rule, use_bias)}): {problem}"
-    return RoutingCheck(None, False, False, first_problem, _tokens(observed), len(candidates))
+            return RoutingCheck(rule, reading, None, _tokens(observed), count)
+        first_problem = first_problem or f"With the config's rule ({describe_rule(rule, reading)}): {problem}"
+    return RoutingCheck(None, RouterReading(), first_problem, _tokens(observed), len(candidates))
 
 
-def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, bool, bool]]:
-    """Rules to try, the config's own reading first: (rule, whether to add the correction bias,
-    whether the router's output is probabilities rather than logits)."""
+def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, RouterReading]]:
+    """Rules to try with how to read the router, the config's own reading first."""
     from moelens.kernels.routing import RoutingRule
 
     values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
@@ -249,6 +285,7 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
         groups,
         (True, False) if has_bias else (False,),
         (False, True),  # probabilities
+        (True, False) if observed[0].expert_scale is not None else (False,),
     )
     return [
         (
@@ -262,16 +299,15 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
                 topk_group=group[1],
                 group_score=group[2],  # type: ignore[arg-type]
             ),
-            use_bias,
-            probabilities,
+            RouterReading(use_bias, probabilities, expert_scale),
         )
-        for score, before, renorm, scaling, group, use_bias, probabilities in options
+        for score, before, renorm, scaling, group, use_bias, probabilities, expert_scale in options
         if not (before and (use_bias or group[0] > 1))  # the kernel defines bias and groups on scores only
         and not (probabilities and (score != "softmax" or before))  # log-probabilities give back only a softmax
     ]
 
 
-def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool, probabilities: bool) -> str | None:
+def _mismatch(rule: RoutingRule, reading: RouterReading, observed: list[_Observed]) -> str | None:
     """What differs between the kernel under ``rule`` and the model's routing (None: nothing)."""
     import torch
 
@@ -281,11 +317,12 @@ def _mismatch(rule: RoutingRule, observed: list[_Observed], use_bias: bool, prob
         k = seen.index.shape[1]
         if rule.top_k != k:
             return f"top-k differs at layer {seen.layer.index}: the experts receive {k} experts per token, the rule selects {rule.top_k}"
-        bias = seen.correction_bias if use_bias else None
-        logits = seen.logits.log() if probabilities else seen.logits
+        bias = seen.correction_bias if reading.correction_bias else None
+        logits = reading.kernel_logits(seen.logits)
         if logits.shape[-1] != seen.layer.num_experts:
             return f"layer {seen.layer.index}: the router scores {logits.shape[-1]} columns for {seen.layer.num_experts} experts"
         weights, index = route(logits, rule, correction_bias=bias, impl="torch")
+        weights = scaled_by_expert(weights, index, seen.expert_scale if reading.expert_scale else None)
         resolution = 1e-5 if seen.weights_dtype == torch.float32 else 1e-2
         compared = ~_tied(logits, rule, bias, k, resolution)  # [T]
         if int(compared.sum()) < compared.numel() // 2:
@@ -318,14 +355,11 @@ def _tied(logits: torch.Tensor, rule: RoutingRule, bias: torch.Tensor | None, k:
     the model's and the kernel's arithmetic may pick either expert there."""
     import torch
 
+    from moelens.kernels.routing import choice_scores
+
     if k >= logits.shape[-1]:
         return torch.zeros(logits.shape[0], dtype=torch.bool)
-    if rule.select_before_score:
-        choice = logits
-    else:
-        choice = torch.sigmoid(logits) if rule.score == "sigmoid" else torch.softmax(logits, dim=-1)
-        if bias is not None:
-            choice = choice + bias
+    choice = choice_scores(logits, rule, bias)
     top = choice.topk(k + 1, dim=-1).values
     scale = top.abs().amax(dim=-1).clamp(min=1e-6)
     return (top[:, k - 1] - top[:, k]).abs() <= resolution * scale
@@ -335,7 +369,7 @@ def _rounded(values: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
-def describe_rule(rule: RoutingRule, use_bias: bool, probabilities: bool = False) -> str:
+def describe_rule(rule: RoutingRule, reading: RouterReading) -> str:
     """The rule in words, e.g. "sigmoid, top-4, renormalised, scaled by 2.5, correction bias"."""
     parts = [f"{rule.score}", f"top-{rule.top_k}"]
     if rule.select_before_score:
@@ -346,8 +380,4 @@ def describe_rule(rule: RoutingRule, use_bias: bool, probabilities: bool = False
         parts.append(f"scaled by {rule.scaling:g}")
     if rule.n_group > 1:
         parts.append(f"{rule.topk_group} of {rule.n_group} groups by {rule.group_score}")
-    if use_bias:
-        parts.append("correction bias")
-    if probabilities:
-        parts.append("router returns probabilities")
-    return ", ".join(parts)
+    return ", ".join(parts + reading.describe())

@@ -118,6 +118,16 @@ def route(
 _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
+def choice_scores(logits: Tensor, rule: RoutingRule, correction_bias: Tensor | None = None) -> Tensor:
+    """[T, E] float32 the scores experts are chosen by, without interventions or group limits: the
+    logits for select_before_score rules, else score(logits) (+ correction_bias)."""
+    x = logits.float()
+    if rule.select_before_score:
+        return x
+    scores = torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
+    return scores if correction_bias is None else scores + correction_bias.float()
+
+
 def _load_impl(impl: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """Import an implementation on first use: triton is imported only when the Triton kernel is asked for."""
     if impl == "reference":

@@ -31,6 +31,9 @@ from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_
 
 if TYPE_CHECKING:
     import duckdb
+
+    from moelens.hooks.routing_check import RouterReading
+    from moelens.kernels.routing import RoutingRule
     import numpy as np
     import pandas as pd
     import pyarrow as pa
@@ -86,7 +89,7 @@ class Tracer(TraceTables):
         self.special_token_ids: list[int] = special_token_ids_of(tokenizer)
         self.full_logits = full_logits
         self.layers: list[MoeLayer] = moe_layers(model)
-        self._choice_bias, self._choice_score = _choice_bias(model, self.layers)
+        self._ranking = _ranking(model, self.layers)
         self._stack = moe_view(model).stack
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
@@ -234,18 +237,20 @@ class Tracer(TraceTables):
         """[T, k] the score by which the family chooses each slot's expert; rank 0 is the highest.
 
         One definition of rank for traces and for ``rank(r)``: the family's choice order. It is the
-        weight order, except where a score-correction bias steers the choice but not the weights
-        (DeepSeek-V3: choice = sigmoid(logit) + bias), where it is score(logit) + bias.
+        weight order, except where the weights are not monotone in the choice scores: a
+        score-correction bias steers the choice but not the weights (DeepSeek-V3: choice =
+        sigmoid(logit) + bias), or a per-expert scale multiplies the weights after the choice
+        (Gemma 4). There it is the verified rule's choice score, computed from the logits.
         """
-        import torch
+        from moelens.kernels.routing import choice_scores
 
         logits, weights, indices = output
-        bias = self._choice_bias.get(layer_index)
-        if bias is None:
+        if self._ranking is None:
             return weights.float()
+        rule, reading, biases = self._ranking
+        bias = biases.get(layer_index)
         safe = indices.clamp(max=logits.shape[-1] - 1)  # the empty-slot sentinel E has no score
-        score = torch.sigmoid(logits.float()) if self._choice_score == "sigmoid" else torch.softmax(logits.float(), dim=-1)
-        return score.gather(-1, safe) + bias.to(logits.device).float()[safe]
+        return choice_scores(reading.kernel_logits(logits), rule, bias.to(logits.device) if bias is not None else None).gather(-1, safe)
 
     def layout(self) -> StoreLayout:
         if self._layout is not None:
@@ -367,18 +372,19 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
     return table.sort_by([(key, "ascending") for key in keys])
 
 
-def _choice_bias(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[dict[int, torch.Tensor], str]:
-    """Per MoE layer, the score-correction bias its router adds for choice only (DeepSeek-V3 and
-    its kin), and the score function of the model's verified rule; ({}, "") for models without
-    one, or whose rule the kernel does not reproduce (their ranks then follow the weights)."""
+def _ranking(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[RoutingRule, RouterReading, dict[int, torch.Tensor]] | None:
+    """The verified rule, router reading and per-layer correction biases to rank slots by, for
+    models whose weights are not monotone in the choice scores (a correction bias or a per-expert
+    scale); ``None`` otherwise, or when no rule reproduces the model (ranks then follow the weights)."""
     from moelens.hooks.adapters import correction_bias_of
-    biased = [layer for layer in layers if layer.correction_bias is not None]
-    if not biased:
-        return {}, ""
+
+    if not any(layer.correction_bias or layer.expert_scale for layer in layers):
+        return None
     check = routing_check.routing_check(model)
-    if check.rule is None or not check.correction_bias:
-        return {}, ""
-    return {layer.index: correction_bias_of(layer) for layer in biased}, check.rule.score
+    if check.rule is None or not (check.reading.correction_bias or check.reading.expert_scale):
+        return None
+    biases = {layer.index: correction_bias_of(layer) for layer in layers if check.reading.correction_bias and layer.correction_bias}
+    return check.rule, check.reading, biases
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:

@@ -251,3 +251,29 @@ def test_pruned_export_round_trips(model_type, tmp_path):
         got = reloaded(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_per_expert_scales_are_verified_and_do_not_change_the_rank():
+    """Gemma 4 multiplies each chosen expert's weight by a learned scale (random in the tiny model):
+    the rule is verified only with it, and a trace's rank 0 is still the router's most probable expert."""
+    from dataclasses import replace
+
+    from moelens.hooks.routing_check import RouterReading
+
+    model = _model("gemma4_text")
+    check = routing_check(model)
+    assert check.verified and check.reading == RouterReading(probabilities=True, expert_scale=True)
+    without_scale = check_rule(model, check.rule, replace(check.reading, expert_scale=False))
+    assert not without_scale.verified and "weights differ" in without_scale.problem
+    layer = moe_layers(model)[0]
+    probabilities = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: probabilities.append(output[0].detach()))
+    batch = _batch(model)
+    try:
+        with torch.no_grad(), moelens.trace(model) as tracer:
+            model(**batch)
+    finally:
+        handle.remove()
+    real = batch["attention_mask"].reshape(-1).bool()
+    first = tracer.routes.query("layer == @layer.index and rank == 0").sort_values(["prompt_id", "position"])
+    assert first["expert"].tolist() == probabilities[-1][real].argmax(dim=-1).tolist()

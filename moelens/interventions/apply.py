@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 from moelens.hooks.adapters import (
     MoeLayer,
     correction_bias_of,
+    expert_scale_of,
     experts_routing,
     moe_view,
     router_logits,
     with_dense_routing,
     with_experts_routing,
 )
-from moelens.hooks.routing_check import routing_check, verified_rule
+from moelens.hooks.routing_check import RouterReading, routing_check, scaled_by_expert, verified_rule
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
@@ -89,6 +90,15 @@ class _Variant:
 
 
 @dataclass(frozen=True)
+class _Placed:
+    """A plan's tensors on one device."""
+
+    correction_bias: torch.Tensor | None
+    expert_scale: torch.Tensor | None
+    variants: tuple[_Variant, ...]
+
+
+@dataclass(frozen=True)
 class _LayerPlan:
     """One MoE layer's compiled routing. Controls are built on the CPU and copied, once per
     device, to wherever the router computes (:meth:`on`): with ``device_map`` and offloading, a
@@ -96,18 +106,19 @@ class _LayerPlan:
 
     layer: MoeLayer
     rule: RoutingRule
-    probabilities: bool  # the router returns probabilities: the kernel routes their log (see routing_check)
-    correction_bias: torch.Tensor | None
+    reading: RouterReading  # how the router's tensors enter the kernel (see routing_check)
+    correction_bias: torch.Tensor | None  # [E], when the reading adds it
+    expert_scale: torch.Tensor | None  # [E], when the reading applies it
     groups: tuple[_Group, ...]
     variants: tuple[_Variant, ...]  # one per combination of groups a token can be in
-    _placed: dict[Any, tuple[Any, tuple[_Variant, ...]]] = field(default_factory=dict, compare=False, repr=False)
+    _placed: dict[Any, _Placed] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def needs_steps(self) -> bool:
         return not all(group.universal for group in self.groups)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor | None, tuple[_Variant, ...]]:
-        """(correction bias, variants) with every tensor on ``device`` (copied once per device)."""
+    def on(self, device: torch.device) -> _Placed:
+        """The plan's tensors on ``device`` (copied once per device)."""
         import dataclasses
 
         import torch
@@ -118,8 +129,11 @@ class _LayerPlan:
                            if isinstance(getattr(controls, f.name), torch.Tensor)}
                 return dataclasses.replace(controls, **changes)
 
-            bias = self.correction_bias.to(device) if self.correction_bias is not None else None
-            self._placed[device] = (bias, tuple(_Variant(v.members, moved(v.controls)) for v in self.variants))
+            def to(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return tensor.to(device) if tensor is not None else None
+
+            variants = tuple(_Variant(v.members, moved(v.controls)) for v in self.variants)
+            self._placed[device] = _Placed(to(self.correction_bias), to(self.expert_scale), variants)
         return self._placed[device]
 
 
@@ -177,14 +191,14 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
             _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
             for members in _combinations(groups)
         )
-        check = routing_check(model)
-        use_bias = check.correction_bias and layer.correction_bias is not None
+        reading = routing_check(model).reading
         plans.append(
             _LayerPlan(
                 layer=layer,
                 rule=rule,
-                probabilities=check.probabilities,
-                correction_bias=correction_bias_of(layer) if use_bias else None,
+                reading=reading,
+                correction_bias=correction_bias_of(layer) if reading.correction_bias else None,
+                expert_scale=expert_scale_of(layer) if reading.expert_scale else None,
                 groups=groups,
                 variants=variants,
             )
@@ -325,15 +339,17 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) ->
 
     from moelens.kernels.routing import route
 
-    logits = kernel_logits(plan, logits)
-    correction_bias, variants = plan.on(logits.device)
+    logits = plan.reading.kernel_logits(logits)
+    placed = plan.on(logits.device)
+    correction_bias = placed.correction_bias
     if not plan.needs_steps:  # one universal group: the same controls for every token
-        (variant,) = variants
-        return route(logits, plan.rule, correction_bias=correction_bias, controls=variant.controls)
+        (variant,) = placed.variants
+        weights, indices = route(logits, plan.rule, correction_bias=correction_bias, controls=variant.controls)
+        return scaled_by_expert(weights, indices, placed.expert_scale), indices
     assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
     in_group = torch.stack([_group_mask(group, step) for group in plan.groups])  # [G, T]
     weights = indices = None
-    for variant in variants:
+    for variant in placed.variants:
         members = torch.zeros(len(plan.groups), dtype=torch.bool, device=in_group.device)
         members[list(variant.members)] = True
         mask = (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
@@ -347,13 +363,7 @@ def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) ->
         w, i = _pad_slots(w, i, width, plan.layer.num_experts)
         weights, indices = torch.where(mask[:, None], w, weights), torch.where(mask[:, None], i, indices)
     assert weights is not None and indices is not None
-    return weights, indices
-
-
-def kernel_logits(plan: _LayerPlan, router_output: torch.Tensor) -> torch.Tensor:
-    """[T, E] float32 what the kernel routes from: the router's logits, or the log of the
-    probabilities it returns (softmax of log-probabilities gives the probabilities back)."""
-    return router_output.float().log() if plan.probabilities else router_output.float()
+    return scaled_by_expert(weights, indices, placed.expert_scale), indices
 
 
 def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

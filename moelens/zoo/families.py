@@ -121,7 +121,7 @@ def _steer(model: nn.Module, routes: Any) -> str:
         raise AssertionError(f"disabled expert {busiest} still routed at layer {layer}")
     if torch.equal(plain, steered):
         raise AssertionError("disabling the busiest expert left the logits unchanged")
-    return describe_rule(check.rule, check.correction_bias, check.probabilities)
+    return describe_rule(check.rule, check.reading)
 
 
 def format_reports(reports: list[FamilyReport]) -> str:

@@ -111,7 +111,7 @@ def build_tiny_model(model_type: str, *, seed: int = 0) -> torch.nn.Module:
     every DeepSeek-V3-style ``e_score_correction_bias``) would route every token identically, so
     all-zero router weights get N(0, 0.5/sqrt(hidden)) values, all-zero router bias vectors small
     N(0, 0.1) values and all-zero token->expert hash tables random expert ids (see
-    :func:`_randomise_zero_routers`).
+    :func:`_randomise_router_state`).
     """
     import torch
 
@@ -123,7 +123,7 @@ def build_tiny_model(model_type: str, *, seed: int = 0) -> torch.nn.Module:
         # directly also covers causal LMs that are only registered as image-text models (Mistral-4)
         # and the wrapped text backbones.
         model = _lm_class(family)._from_config(config, dtype=torch.float32)
-        _randomise_zero_routers(model, config, seed)
+        _randomise_router_state(model, config, seed)
     return model.eval()
 
 
@@ -579,8 +579,9 @@ _ROUTER_CLASS = re.compile(r"Router|Gating|TopK", re.IGNORECASE)
 _ROUTER_ATTRIBUTE = re.compile(r"^(router|gate)$")
 
 
-def _randomise_zero_routers(model: torch.nn.Module, config: PretrainedConfig, seed: int) -> None:
-    """Give all-zero router tensors random values (see :func:`build_tiny_model`).
+def _randomise_router_state(model: torch.nn.Module, config: PretrainedConfig, seed: int) -> None:
+    """Give all-zero router tensors random values, and all-one per-expert scales random ones in
+    [0.5, 1.5) (see :func:`build_tiny_model`).
 
     Router state is any tensor inside a router module (class name containing Router/Gating/TopK,
     or attribute ``router``/``gate``, which finds HunYuan's ``...Gate``) or held directly by an MoE
@@ -603,7 +604,14 @@ def _randomise_zero_routers(model: torch.nn.Module, config: PretrainedConfig, se
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             owner = name.rsplit(".", 1)[0]
             in_router = any(owner == r or owner.startswith(r + ".") for r in routers)
-            if not (in_router or owner in blocks) or tensor.numel() == 0 or tensor.any():
+            if not (in_router or owner in blocks) or tensor.numel() == 0:
+                continue
+            if tensor.is_floating_point() and tensor.numel() in sizes and bool((tensor == 1).all()):
+                # per-expert weight scales (Gemma 4) start at one; trained ones do not, and a rule
+                # check on all-ones scales could not tell a rule that ignores them
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+                continue
+            if tensor.any():
                 continue
             if tensor.is_floating_point() and tensor.numel() in sizes:
                 # selection biases (score correction, expert bias): small next to the logits
