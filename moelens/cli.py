@@ -1,4 +1,4 @@
-"""The ``moelens`` command line: ``collect``, ``analyze``, ``prune``, ``families``, ``zoo``."""
+"""The ``moelens`` command line: ``collect``, ``import``, ``analyze``, ``prune``, ``families``, ``zoo``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _layer_list(text: str) -> list[int]:
+    """``1,2,3`` or ``3-60`` or ``1,3-5``: the layer indices, in the order written."""
+    layers: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            layers += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected layer indices like 1,2,3 or 3-60, got {text!r}") from None
+    return layers
+
+
 _ZOO_SCRIPTS = {
     "build-corpus": "build the multi-domain training corpus of moelens-tiny (module moelens.zoo.corpus)",
     "train-tiny": "train moelens-tiny on a corpus built by build-corpus (module moelens.zoo.train)",
@@ -70,6 +82,24 @@ def _build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--offload-folder", default=None, help="where weights offloaded to disk are kept")
     collect.add_argument("--intervention", type=Path, default=None, help="JSON intervention spec applied while tracing (recorded in the manifest)")
     collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    imported = commands.add_parser(
+        "import", help="import the routed experts vLLM or SGLang returned into a trace store (expert ids, no weights)",
+        description="Import routed experts from serving engines (see moelens.engines): saved responses, or prompts sent to a live server.",
+    )
+    imported.add_argument("source", help="saved responses (.jsonl, one per line, or .json) or a server URL, e.g. http://localhost:8000")
+    imported.add_argument("--out", required=True, type=Path, help="store directory to create")
+    imported.add_argument("--model", required=True, help="the model's name, recorded in the manifest (for a live vLLM server: the served name)")
+    imported.add_argument("--engine", choices=["vllm", "sglang"], help="the engine (default: recognised from the responses; needed with a URL)")
+    imported.add_argument("--moe-layers", type=_layer_list, help="the model's MoE layer indices in order, e.g. 1,2,3 or 3-60 (default: from --config)")
+    imported.add_argument("--config", type=Path, help="the model's config.json or checkpoint directory: MoE layers, experts, top-k")
+    imported.add_argument("--num-experts", type=_positive_int, help="routed experts per MoE layer (default: from --config)")
+    imported.add_argument("--top-k", type=_positive_int, help="experts per token (default: from --config or the responses)")
+    imported.add_argument("--tokenizer", help="tokenizer directory: token strings and special tokens in the store")
+    imported.add_argument("--engine-version", help="recorded in the manifest (a live server is asked)")
+    imported.add_argument("--prompts", type=Path, help="with a URL: the prompt file to send (as for collect)")
+    imported.add_argument("--max-new-tokens", type=_non_negative_int, default=0, help="with a URL: tokens to generate per prompt (greedy), as for collect")
+    imported.add_argument("--shard-size", type=_positive_int, default=64, help="sequences per shard")
 
     prune = commands.add_parser("prune", help="write a checkpoint with the experts a prune spec drops physically removed")
     prune.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
@@ -146,6 +176,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         intervention = _read_spec(args.intervention) if args.intervention else None
         collect(args.model, args.prompts, args.out, options, intervention=intervention)
+        return 0
+    if args.command == "import":
+        from moelens.engines import import_routes
+
+        import_routes(
+            args.source,
+            args.out,
+            model=args.model,
+            engine=args.engine,
+            moe_layers=args.moe_layers,
+            config=args.config,
+            num_experts=args.num_experts,
+            top_k=args.top_k,
+            tokenizer=args.tokenizer,
+            engine_version=args.engine_version,
+            prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens,
+            shard_size=args.shard_size,
+        )
         return 0
     if args.command == "prune":
         from moelens.interventions.export import export_pruned

@@ -82,7 +82,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not text.strip():
             raise PromptFileError(f"{path}, {where}: the prompt is empty; remove it or give it text")
         record.setdefault("id", row)
-    return _with_prompt_ids([record for _, record in records], path)
+    return with_prompt_ids([record for _, record in records], path)
 
 
 def _read_text(path: Path, newline: str | None = None) -> io.StringIO:
@@ -129,7 +129,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"row {number}", record
 
 
-def _with_prompt_ids(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+def with_prompt_ids(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """``records`` with their ``id`` field (removed) turned into a leading ``prompt_id``: integers if
+    every id is one (0 <= id < 2**32), strings otherwise; raises :class:`PromptFileError` on a repeat."""
     ids = [record.pop("id") for record in records]
     as_int = [_as_uint(value) for value in ids]
     final: list[Any] = as_int if all(v is not None for v in as_int) else [str(v) for v in ids]
@@ -149,7 +151,7 @@ def _as_uint(value: Any) -> int | None:
 
 
 # --- the store's lifecycle -------------------------------------------------------------------
-def _open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
+def open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
     """Create ``out``, refuse an existing store without ``resume``, take the store's writer lock.
 
     The "already a store" check runs before the lock (a refused run leaves the store untouched)
@@ -159,8 +161,8 @@ def _open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
     def refuse_existing() -> None:
         if (out / store.MANIFEST).exists() and not resume:
             raise CollectError(
-                f"{out} already holds a trace store. Pass --resume to continue it, or choose another --out "
-                "(nothing was written)."
+                f"{out} already holds a trace store. Choose another --out, or pass --resume to continue an "
+                "interrupted `moelens collect` into it (nothing was written)."
             )
 
     refuse_existing()
@@ -226,7 +228,7 @@ def collect(
     rank, world = _distributed_rank()
     lock = store.WriterLock(out)
     # one lock per store, held by rank 0 for the whole run; the other ranks learn its outcome
-    _on_rank_zero(rank, world, lambda: _open_for_writing(out, options.resume, lock))
+    _on_rank_zero(rank, world, lambda: open_for_writing(out, options.resume, lock))
     try:
         return _collect_locked(model_name, records, prompts_path, out, options, intervention, rank, world)
     finally:
@@ -363,7 +365,7 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
             stats["prompts"] += len(batch)
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{stats['tokens'] / max(time.perf_counter() - started, 1e-9):.0f}")
-        parts["prompts"] = [_prompts_table(records, layout)]
+        parts["prompts"] = [prompts_table(records, layout)]
         try:
             store.write_shard(out, index, {name: _concat(tables) for name, tables in parts.items()})
         except OSError as error:
@@ -383,7 +385,8 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _prompts_table(records: list[dict[str, Any]], layout: store.StoreLayout) -> pa.Table:
+def prompts_table(records: list[dict[str, Any]], layout: store.StoreLayout) -> pa.Table:
+    """The prompts table of ``records`` (``prompt_id``, ``text``, tags) with the layout's prompt id type."""
     import pyarrow as pa
 
     table = pa.Table.from_pylist(records)

@@ -13,7 +13,9 @@ A store is a directory::
 the family's choice order (the weight order, except where a correction bias steers the choice
 but not the weights, as on DeepSeek-V3: there sigmoid(logit) + bias), the order ``rank(r)``
 interventions count in (``rank(r)`` = this table's rank r - 1); ``weight`` is what the model
-multiplied the expert's output by. A shard
+multiplied the expert's output by. Stores imported from a serving engine (:mod:`moelens.engines`)
+hold expert ids only: their ``weight`` is null, their ``rank`` the engine's slot order, and their
+manifest says ``weights: false`` (analyses that need weights call :func:`require_weights`). A shard
 counts only once its marker exists: every Parquet file is written under a temporary name and
 renamed when complete, and the marker is renamed into place after all of them, so a killed writer
 leaves nothing that a reader or ``--resume`` mistakes for data.
@@ -65,7 +67,7 @@ class StoreLayout:
                 ("layer", _uint_for(self.num_layers)),
                 ("rank", pa.uint8()),  # k <= 256 for every family and intervention
                 ("expert", _uint_for(self.num_experts + 1)),
-                ("weight", pa.float16()),
+                ("weight", pa.float16()),  # nullable: null in stores that hold expert ids only
             ]
         )
 
@@ -124,6 +126,8 @@ class Manifest:
     collection: dict[str, Any] = field(default_factory=dict)
     intervention: dict[str, Any] | None = None
     special_token_ids: list[int] = field(default_factory=list)  # the tokenizer's special tokens (analyses exclude them)
+    weights: bool = True  # False: routes.weight is null (expert ids imported from a serving engine)
+    engine: dict[str, Any] | None = None  # {"name", "version", "formats"} of a store imported from a serving engine
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = SCHEMA_VERSION
     shards: list[str] = field(default_factory=list)
@@ -157,6 +161,19 @@ class Manifest:
     def identity(self) -> tuple[Any, ...]:
         """What must match for two runs to write into the same store."""
         return (self.model, self.config_hash, self.family, self.layout, self.intervention)
+
+
+def require_weights(tables: Any, analysis: str) -> None:
+    """Raise :class:`StoreError` if ``tables`` is a store whose routes hold expert ids but no weights."""
+    manifest = getattr(tables, "manifest", None)
+    if manifest is None or manifest.weights:
+        return
+    source = (manifest.engine or {}).get("name") or "a serving engine"
+    raise StoreError(
+        f"this store was imported from {source} and holds expert ids only; {analysis} needs routing weights. "
+        "Trace the prompts with `moelens collect` to record weights, or use an analysis of expert choices "
+        "(frequency, load balance, co-activation, transitions, fTRI, nPMI)."
+    )
 
 
 def special_token_ids_of(tokenizer: Any) -> list[int]:

@@ -13,7 +13,11 @@ the model used, read from what the experts module received (never re-derived). O
 * a forward hook on each MoE layer's router: its logits (for ``full_logits`` and the NaN check),
   and the routing itself where the experts take none (Llama 4's dense score matrix).
 
-Routing data stays on the model's device until the block ends, then moves to the host once.
+At the end of every step its routing is condensed on the device (indices, weights, rank keys, a
+NaN flag per layer; the full logits only with ``full_logits``) and the router logits are let go.
+Condensed steps stay on the device until the block ends, then move to the host at once, unless
+they pass ``max_device_bytes``: then the oldest move to (pinned) host memory during the block,
+asynchronously, so device memory stays flat however long the generation.
 A step in which a router or experts module that should have fired did not raises
 :class:`TraceError`, so a replaced or compiled forward cannot silently record nothing.
 """
@@ -41,18 +45,31 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+DEFAULT_MAX_DEVICE_BYTES = 256 * 2**20  # condensed routing data kept on accelerators before moving to the host
+
+
 class TraceError(RuntimeError):
     """The tracer could not record what it was asked to (a router did not fire, NaN logits...)."""
 
 
 @dataclass
 class _Step:
-    """One forward call of the decoder stack; tensors are on the model's device until flushed."""
+    """One forward call of the decoder stack while it runs (tensors on the model's devices)."""
 
     prompt_ids: list[Any]  # one per batch row
     tokens: StepTokens
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, E] router logits
     routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (index, weights) [T, k]
+
+
+@dataclass
+class _Recorded:
+    """A finished step, condensed: ``tensors`` on the device until moved to the host."""
+
+    prompt_ids: list[Any]
+    generated: bool
+    tensors: dict[str, torch.Tensor]
+    device_bytes: int  # of ``tensors`` still on an accelerator
 
 
 @dataclass
@@ -81,8 +98,12 @@ class Tracer(TraceTables):
         prompt_ids: Sequence[Any] | None = None,
         layout: StoreLayout | None = None,
         end_token_ids: Collection[int] | None = None,
+        max_device_bytes: int | None = DEFAULT_MAX_DEVICE_BYTES,
     ) -> None:
         self.model = model
+        self.max_device_bytes = max_device_bytes
+        self.device_bytes = 0  # condensed routing data currently held on accelerators
+        self.peak_device_bytes = 0
         self._end_token_ids = _end_token_ids(model, tokenizer, end_token_ids)
         self._layout = layout
         self.tokenizer = tokenizer
@@ -93,7 +114,8 @@ class Tracer(TraceTables):
         self._stack = moe_view(model).stack
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
-        self._steps: list[_Step] = []
+        self._steps: list[_Recorded] = []
+        self._on_device = 0  # index of the oldest recorded step whose tensors are still on the device
         self._session: _Session | None = None
         self._current: _Step | None = None
         self._handles: list[Any] = []
@@ -196,7 +218,39 @@ class Tracer(TraceTables):
                 "a fused MoE implementation) or the model was compiled. Trace the uncompiled eager model "
                 "(e.g. load with use_kernels=False) so moelens can read the routers' outputs."
             )
-        self._steps.append(step)
+        recorded = self._condense(step)
+        self._steps.append(recorded)
+        self.device_bytes += recorded.device_bytes
+        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
+        while self.max_device_bytes is not None and self.device_bytes > self.max_device_bytes and self._on_device < len(self._steps):
+            self._move_to_host(self._steps[self._on_device])
+            self._on_device += 1
+
+    def _condense(self, step: _Step) -> _Recorded:
+        """The step's routing stacked over layers (device ops only); the router logits are let go."""
+        import torch
+
+        layer_ids = [layer.index for layer in self.layers]
+        outs = [(step.logits[i], step.routing[i][1], step.routing[i][0]) for i in layer_ids]
+        tensors = {
+            "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
+            "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
+            "rank_key": torch.stack([self._rank_key(i, o) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
+            "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
+            "positions": step.tokens.positions,
+            "real": step.tokens.real,
+        }
+        if step.tokens.input_ids is not None:
+            tensors["input_ids"] = step.tokens.input_ids
+        if self.full_logits:
+            tensors["logits"] = torch.stack([o[0].float() for o in outs])  # [L, B*S, E]
+        held = sum(t.numel() * t.element_size() for t in tensors.values() if _on_accelerator(t))
+        return _Recorded(step.prompt_ids, step.tokens.generated, tensors, held)
+
+    def _move_to_host(self, recorded: _Recorded) -> None:
+        recorded.tensors = {name: _to_host(t) for name, t in recorded.tensors.items()}
+        self.device_bytes -= recorded.device_bytes
+        recorded.device_bytes = 0
 
     # --- host side ---------------------------------------------------------------------------
     def _materialize(self) -> dict[str, pa.Table]:
@@ -205,22 +259,7 @@ class Tracer(TraceTables):
         import torch
 
         layer_ids = [layer.index for layer in self.layers]
-        host: list[dict[str, Any]] = []
-        for step in self._steps:
-            outs = [(step.logits[i], step.routing[i][1], step.routing[i][0]) for i in layer_ids]
-            tensors = {
-                "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
-                "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
-                "rank_key": torch.stack([self._rank_key(i, o) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
-                "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
-                "positions": step.tokens.positions,
-                "real": step.tokens.real,
-            }
-            if step.tokens.input_ids is not None:
-                tensors["input_ids"] = step.tokens.input_ids
-            if self.full_logits:
-                tensors["logits"] = torch.stack([o[0].float() for o in outs])  # [L, B*S, E]
-            host.append({k: v.to("cpu", non_blocking=True) for k, v in tensors.items()})
+        host = [{k: v.to("cpu", non_blocking=True) for k, v in step.tensors.items()} for step in self._steps]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         for step_host in host:
@@ -285,6 +324,23 @@ class Tracer(TraceTables):
         return self._connection
 
 
+def _on_accelerator(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "cpu"
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host: a non-blocking copy into pinned memory from CUDA (the copy overlaps
+    the next forward pass; the stream orders it before any reuse of the source)."""
+    import torch
+
+    if not _on_accelerator(tensor):
+        return tensor
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu")
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return pinned.copy_(tensor, non_blocking=True)
+
+
 def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndarray) -> dict[str, pa.Table]:
     import numpy as np
     import pyarrow as pa
@@ -317,7 +373,7 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         tokens["position"].append(positions)
         token_ids = data["input_ids"].numpy().reshape(-1)[real] if "input_ids" in data else np.zeros(tokens_m, np.int64)
         tokens["token_id"].append(token_ids)
-        tokens["generated"].append(np.full(tokens_m, step.tokens.generated))
+        tokens["generated"].append(np.full(tokens_m, step.generated))
         if "logits" in data:
             logits = data["logits"].numpy()[:, real].transpose(1, 0, 2)  # [M, L, E]
             logits_rows["prompt_id"].append(np.repeat(row_ids, num_layers))
@@ -423,6 +479,7 @@ def trace(
     prompt_ids: Sequence[Any] | None = None,
     layout: StoreLayout | None = None,
     end_token_ids: Collection[int] | None = None,
+    max_device_bytes: int | None = DEFAULT_MAX_DEVICE_BYTES,
 ) -> Tracer:
     """Record routing decisions of ``model`` inside a ``with`` block.
 
@@ -438,10 +495,21 @@ def trace(
             and every later token of the row (padding ``generate`` feeds to finished rows while
             others go on) are not recorded. Default: the model's ``generation_config.eos_token_id``
             and the tokenizer's EOS; ``()`` records every fed token. Prompt tokens are never cut.
+        max_device_bytes: recorded routing kept on accelerators (GPU) during the block; past it the
+            oldest steps move to pinned host memory asynchronously, so device memory stays flat
+            for long generations. ``None``: keep everything on the device until the block ends.
+            A step holds ``layers x tokens x k x 16`` bytes (plus ``layers x tokens x E x 4`` with ``full_logits``).
+            CPU models hold everything on the host anyway.
 
     Returns:
         a :class:`Tracer`; its tables are readable once the block has ended without error.
     """
     return Tracer(
-        model, tokenizer=tokenizer, full_logits=full_logits, prompt_ids=prompt_ids, layout=layout, end_token_ids=end_token_ids
+        model,
+        tokenizer=tokenizer,
+        full_logits=full_logits,
+        prompt_ids=prompt_ids,
+        layout=layout,
+        end_token_ids=end_token_ids,
+        max_device_bytes=max_device_bytes,
     )

@@ -183,3 +183,33 @@ def test_tables_and_sql():
     ranks = routes.groupby(["prompt_id", "position", "layer"])["rank"].apply(list)
     assert len(ranks) > 0 and all(r == list(range(config.num_experts_per_tok)) for r in ranks)
     assert tracer.tokens.loc[0, "token"] == tokenizer.bos_token
+
+
+def test_a_device_budget_moves_old_steps_to_the_host_and_keeps_the_trace(monkeypatch):
+    """Long generations: past ``max_device_bytes`` the oldest condensed steps leave the device.
+
+    This machine has no accelerator, so the test declares every tensor to be on one and counts the
+    moves to the host; the budget logic is what is checked: held bytes stay within the budget plus
+    one step, and the tables equal an unbounded trace's."""
+    import moelens.tracer as tracer_module
+
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    generate = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad(), moelens.trace(model, max_device_bytes=None) as unbounded:
+        model.generate(**batch, **generate)
+    moved = []
+    monkeypatch.setattr(tracer_module, "_on_accelerator", lambda tensor: True)
+    monkeypatch.setattr(tracer_module, "_to_host", lambda tensor: moved.append(tensor.numel()) or tensor.clone())
+    budget = 4096
+    with torch.no_grad(), moelens.trace(model, max_device_bytes=budget) as bounded:
+        model.generate(**batch, **generate)
+    largest_step = max(step_bytes for step_bytes in _step_bytes(bounded))
+    assert moved and unbounded.peak_device_bytes == 0  # nothing counted on a CPU model
+    assert bounded.peak_device_bytes <= budget + largest_step < sum(_step_bytes(bounded))
+    pd.testing.assert_frame_equal(bounded.routes, unbounded.routes)
+    pd.testing.assert_frame_equal(bounded.tokens, unbounded.tokens)
+
+
+def _step_bytes(tracer):
+    return [sum(t.numel() * t.element_size() for t in step.tensors.values()) for step in tracer._steps]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,9 +83,12 @@ def _stats(tables: Any, args: argparse.Namespace) -> list[Path]:
     results = {
         "frequency": frequency,
         "load_balance": stats.load_balance(tables, args.by, frequency=frequency),
-        "token_entropy": stats.token_entropy(tables, args.by),
         "coactivation": stats.coactivation(tables, args.by),
     }
+    if tables.manifest.weights:
+        results["token_entropy"] = stats.token_entropy(tables, args.by)
+    else:  # an imported store holds expert ids only: everything but the weight-based entropy still applies
+        print(f"moelens: token_entropy skipped: {args.store} holds expert ids only (no routing weights)", file=sys.stderr)
     layers, num_experts = stats.moe_layout(tables)
     if len(layers) > 1:
         results["transitions"] = stats.transitions(tables, args.by)

@@ -87,7 +87,7 @@ def coactivation_matrix(pairs: pd.DataFrame, layer: int, *, num_experts: int | N
 def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_line: int = 16, title: str | None = None) -> go.Figure:
     """A prompt's tokens, each coloured by its top-ranked expert at ``layer``.
 
-    Hovering a token shows every MoE layer's experts and weights for it. Tokens are laid out
+    Hovering a token shows every MoE layer's experts and weights (if the trace has them) for it. Tokens are laid out
     ``tokens_per_line`` per row.
     """
     import numpy as np
@@ -100,7 +100,7 @@ def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_li
     routes = query(
         tables,
         f"""
-        SELECT position, layer, string_agg('e' || expert || ' ' || printf('%.3f', weight::DOUBLE), ', ' ORDER BY rank) AS experts,
+        SELECT position, layer, string_agg('e' || expert || coalesce(' ' || printf('%.3f', weight::DOUBLE), ''), ', ' ORDER BY rank) AS experts,
                arg_min(expert, rank) AS top_expert
         FROM routes WHERE {where} GROUP BY ALL ORDER BY position, layer
         """

@@ -151,7 +151,8 @@ def expert_frequency(tables: TraceTables, by: Sequence[str] = (), *, tokens: Tok
     ``selections`` counts the tokens that chose the expert (top-k, any rank), ``tokens`` the tokens
     routed at that layer in the group, ``frequency = selections / tokens`` (in [0, 1]), ``share`` the
     expert's fraction of all selections at that layer (sums to 1 per layer and group) and
-    ``mean_weight`` the mean routing weight over its selections (NaN if never selected).
+    ``mean_weight`` the mean routing weight over its selections (NaN if never selected, and on a
+    store without weights, see :func:`moelens.store.require_weights`).
     """
     import pandas as pd
 
@@ -223,8 +224,12 @@ def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: boo
     With ``per_token=False`` (default) a summary per layer, columns ``*by, layer, tokens,
     mean_entropy, std_entropy, max_possible`` (``max_possible`` = log2 of the largest number of
     experts a token chose there). With ``per_token=True`` one row per token and layer:
-    ``prompt_id, position, *by, layer, experts, entropy``. Weights are assumed non-negative.
+    ``prompt_id, position, *by, layer, experts, entropy``. Weights are assumed non-negative; a store
+    without weights (imported from a serving engine) raises :class:`~moelens.store.StoreError`.
     """
+    from moelens.store import require_weights
+
+    require_weights(tables, "token_entropy")
     by = list(by)
     keys = key_list(by)
     # H = log2(S) - sum(w log2 w) / S with S = sum(w): one GROUP BY pass instead of a window
