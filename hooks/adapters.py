@@ -34,13 +34,11 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from moelens.errors import UnsupportedModelError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not a Mixture-of-Experts model moelens can read (or steer)."""
 
 
 @dataclass(frozen=True)

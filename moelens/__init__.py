@@ -30,11 +30,15 @@ _LAZY = {
     "StoreError": "moelens.store",
     "intervene": "moelens.interventions",
     "generate_contrast": "moelens.interventions.contrast",
+    "MoelensError": "moelens.errors",
+    "UnsupportedModelError": "moelens.errors",
+    "SpecError": "moelens.errors",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
 
 if TYPE_CHECKING:
+    from moelens.errors import MoelensError, SpecError, UnsupportedModelError
     from moelens.interventions import intervene
     from moelens.interventions.contrast import generate_contrast
     from moelens.loading import load

@@ -147,13 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(error: Exception) -> bool:
-    from moelens.collect import CollectError, PromptFileError
-    from moelens.hooks.adapters import UnsupportedModelError
-    from moelens.loading import ModelNotFoundError
-    from moelens.store import StoreError
-    from moelens.tracer import TraceError
+    """moelens' own errors and bad input (their messages say what to do); anything else is a bug."""
+    from moelens.errors import MoelensError
 
-    return isinstance(error, (CollectError, PromptFileError, UnsupportedModelError, ModelNotFoundError, StoreError, TraceError, ValueError, FileNotFoundError))
+    return isinstance(error, (MoelensError, ValueError, FileNotFoundError))
 
 
 def _dispatch(args: argparse.Namespace) -> int:

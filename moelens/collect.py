@@ -21,18 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moelens import store
+from moelens.errors import CollectError, PromptFileError
 from moelens.hooks.adapters import input_device
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-class PromptFileError(ValueError):
-    """The prompt file cannot be read as prompts (the message says where and why)."""
-
-
-class CollectError(RuntimeError):
-    """The collection cannot start or continue as asked (the message says what to do)."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from moelens import store
+from moelens.errors import EngineImportError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,10 +88,6 @@ _ROUTES_HINT = {
 }
 _WRAP_HINT = 'save the token ids sent with the response, as {"response": <response>, "input_ids": [...]}'
 _EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts")  # DeepSeek / Qwen, OLMoE / Mixtral, GPT-OSS
-
-
-class EngineImportError(ValueError):
-    """Engine outputs that cannot be imported as given (the message says where and what to do)."""
 
 
 def import_routes(

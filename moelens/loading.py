@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moelens.errors import ModelNotFoundError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,10 +39,6 @@ def shipped_path(*parts: str) -> Path:
 
 
 _SHIPPED = {DEFAULT_MODEL: ("models", DEFAULT_MODEL)}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The name is neither a zoo model, a local checkpoint directory nor a reachable hub id."""
 
 
 def zoo_names() -> list[str]:

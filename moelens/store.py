@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moelens.errors import StoreError, StoreLockedError
+
 if TYPE_CHECKING:
     import duckdb
     import numpy as np
@@ -41,10 +43,6 @@ SCHEMA_VERSION = 1
 TABLES = ("prompts", "tokens", "routes", "logits")
 MANIFEST = "manifest.json"
 LOCK_FILE = "writer.lock"
-
-
-class StoreError(RuntimeError):
-    """A store on disk is missing, corrupt, or incompatible with what was asked of it."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +177,6 @@ def require_weights(tables: Any, analysis: str) -> None:
 def special_token_ids_of(tokenizer: Any) -> list[int]:
     """The tokenizer's special token ids, sorted (what traces and manifests record; [] without one)."""
     return sorted(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
-
-
-class StoreLockedError(StoreError):
-    """Another live process holds the store's writer lock."""
 
 
 class WriterLock:

@@ -28,8 +28,9 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, dense_routing, experts_routing, moe_layers, moe_view, router_logits
+from moelens.errors import TraceError
 from moelens.hooks import routing_check
+from moelens.hooks.adapters import MoeLayer, dense_routing, experts_routing, moe_layers, moe_view, router_logits
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
 
@@ -46,10 +47,6 @@ if TYPE_CHECKING:
 
 
 DEFAULT_MAX_DEVICE_BYTES = 256 * 2**20  # condensed routing data kept on accelerators before moving to the host
-
-
-class TraceError(RuntimeError):
-    """The tracer could not record what it was asked to (a router did not fire, NaN logits...)."""
 
 
 @dataclass

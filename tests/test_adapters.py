@@ -82,3 +82,19 @@ def test_zoo_save_writes_a_plain_checkpoint(tmp_path, capsys):
     assert main(["zoo", "list"]) == 0
     listed = capsys.readouterr().out.split()
     assert "moelens-tiny" in listed and "tiny:gpt_oss" in listed
+
+
+def test_every_moelens_error_has_one_base_and_keeps_its_builtin_kind():
+    import inspect
+
+    import moelens.errors as errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == "moelens.errors"]
+    assert len(classes) >= 10
+    for error in classes:
+        assert issubclass(error, moelens.MoelensError)
+        if error is not moelens.MoelensError:
+            assert issubclass(error, (ValueError, RuntimeError, FileNotFoundError)), error
+    with pytest.raises(moelens.MoelensError, match="has no MoE layers"):
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+        moe_layers(transformers.AutoModelForCausalLM.from_config(config))

@@ -33,7 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moelens.hooks.adapters import UnsupportedModelError
+from moelens.errors import ProfilingError, UnsupportedModelError
+
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +45,6 @@ IMPLEMENTATION = "moelens_profiling"
 # id(experts module) -> observer; filled only inside `profiling_experts`
 _OBSERVERS: dict[int, ExpertsObserver] = {}
 _CALLED: set[int] = set()
-
-
-class ProfilingError(RuntimeError):
-    """The profiling implementation could not observe what it was asked to."""
 
 
 class ExpertsObserver(Protocol):

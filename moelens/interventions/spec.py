@@ -16,12 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
+from moelens.errors import SpecError
+
 TokenScope = str | tuple[int, ...]  # "all", "prompt", "generated", or explicit positions
 ExpertsByLayer = Mapping[int, Iterable[int]]
-
-
-class SpecError(ValueError):
-    """An intervention spec is malformed or does not fit the model (the message says where)."""
 
 
 def _experts(value: ExpertsByLayer, what: str) -> dict[int, tuple[int, ...]]:
