@@ -70,9 +70,13 @@ class MoeView:
 
     model_type: str
     stack: nn.Module  # the text decoder stack: owns the decoder layers, one forward per step
-    num_decoder_layers: int
+    decoder_layers: nn.ModuleList  # every decoder layer, dense ones included
     layers: tuple[MoeLayer, ...]
     text_config: Any
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return len(self.decoder_layers)
 
 
 _VIEWS: weakref.WeakKeyDictionary[Any, MoeView] = weakref.WeakKeyDictionary()
@@ -137,7 +141,7 @@ def _discover(model: nn.Module) -> MoeView:
         )
         raise UnsupportedModelError(f"{type(model).__name__} ({model_type}) has no MoE layers moelens can read.{hint}")
     assert stack is not None
-    return MoeView(model_type, stack, len(decoder_layers), tuple(found), config)
+    return MoeView(model_type, stack, decoder_layers, tuple(found), config)
 
 
 def _text_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens import store
 from moelens.errors import CollectError, PromptFileError
-from moelens.hooks.adapters import input_device
+from moelens.hooks.adapters import input_device, text_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -309,7 +309,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
 
 
 def _check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], options: CollectOptions) -> None:
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     context = int(getattr(config, "max_position_embeddings", 0) or 0)
     if not context or not records:
         return
@@ -334,7 +334,7 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
 
     from moelens.tracer import trace
 
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     limit = int(getattr(config, "max_position_embeddings", 0) or 1 << 30) - options.max_new_tokens
     device = input_device(model)
     stats = {"prompts": 0, "tokens": 0, "events": 0, "seconds": 0.0}

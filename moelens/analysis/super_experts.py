@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.analysis._profiling_experts import TokenBatch, profiling_experts, token_batches
-from moelens.hooks.adapters import MoeLayer, input_device, moe_layers
+from moelens.hooks.adapters import MoeLayer, input_device, moe_layers, moe_view
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,7 +101,7 @@ def profile_super_experts(
     layers = moe_layers(model)
     run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers, experts=True,
                    sinks=sinks, top_n=top_n)
-    num_layers = len(_decoder_layers(model, layers))
+    num_layers = moe_view(model).num_decoder_layers
     experts, thresholds = detect_super_experts(
         run.experts, num_layers=num_layers, percentile=percentile, fraction_of_max=fraction_of_max,
         layer_fraction=layer_fraction, reading=reading,
@@ -280,7 +280,7 @@ def _observe(
     import torch
 
     device = input_device(model)
-    decoder_layers = _decoder_layers(model, layers)
+    decoder_layers = list(moe_view(model).decoder_layers)
     maxima = {l.index: _MaxOutputs(l.num_experts + (l.shared is not None), device) for l in layers} if experts else {}
     residual, sink, loss = _Residuals(len(decoder_layers), top_n), _Sinks(), _Loss()
     with ExitStack() as stack:
@@ -311,12 +311,6 @@ def _observe(
 
         table = pd.concat([maxima[l.index].frame(l) for l in layers], ignore_index=True)
     return _Run(experts=table, massive=residual.frame(), sinks=sink.frame(), loss=loss.value())
-
-
-def _decoder_layers(model: nn.Module, layers: list[MoeLayer]) -> list[nn.Module]:
-    """All decoder layers (dense ones too): the ModuleList that holds the MoE layers' parents."""
-    stack_name = layers[0].name.rsplit(".", 2)[0]  # "model.layers.3.mlp" -> "model.layers"
-    return list(model.get_submodule(stack_name))
 
 
 @contextmanager

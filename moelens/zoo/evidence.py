@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moelens.hooks.adapters import moe_view
 from moelens.interventions import disable, intervene
 from moelens.loading import shipped_path
 from moelens.zoo.corpus import DOMAINS
@@ -191,7 +192,7 @@ def activation_stats(model, seqs: Sequence[Sequence[int]]) -> dict:
 
     # Residual stream read with hooks (embeddings, then each decoder layer's output) rather than
     # from output_hidden_states, whose last entry may already be final-normed.
-    modules = [model.model.embed_tokens, *model.model.layers]
+    modules = [model.get_input_embeddings(), *moe_view(model).decoder_layers]
     captured: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
                for m in modules]
