@@ -74,18 +74,46 @@ class RouterReading:
 
 
 @dataclass(frozen=True)
-class RoutingCheck:
-    """The outcome of checking a routing rule against a model's own routing."""
+class LayerRouting:
+    """How one MoE layer routes, as far as the kernel reproduces it."""
 
-    rule: RoutingRule | None  # the verified rule; None when no candidate reproduces the model
+    rule: RoutingRule | None  # the verified rule; None when no candidate reproduces this layer
     reading: RouterReading
     problem: str | None  # what differed (for the config's own rule), None when verified
+
+
+@dataclass(frozen=True)
+class RoutingCheck:
+    """The outcome of checking routing rules against a model's own routing, per MoE layer.
+
+    One rule for every layer is looked for first; only when none exists is each layer inferred on
+    its own (DeepSeek-V4: hash-routed first layers, score-routed others), so a model can be
+    steerable on some layers and traced only on others.
+    """
+
+    layers: dict[int, LayerRouting]
     tokens: int  # tokens compared at each MoE layer
     candidates: int  # rules tried
 
     @property
     def verified(self) -> bool:
-        return self.rule is not None
+        """Every MoE layer's routing is reproduced."""
+        return all(layer.rule is not None for layer in self.layers.values())
+
+    @property
+    def rule(self) -> RoutingRule | None:
+        """The rule shared by every layer (None if some layer has none, or layers differ)."""
+        rules = {layer.rule for layer in self.layers.values()}
+        return rules.pop() if len(rules) == 1 else None
+
+    @property
+    def reading(self) -> RouterReading:
+        return next((layer.reading for layer in self.layers.values() if layer.rule is not None), RouterReading())
+
+    @property
+    def problem(self) -> str | None:
+        """What differed at the first layer the kernel does not reproduce (None when verified)."""
+        return next((layer.problem for layer in self.layers.values() if layer.problem), None)
 
 
 @dataclass(frozen=True)
@@ -113,23 +141,30 @@ def routing_check(model: nn.Module) -> RoutingCheck:
     return check
 
 
-def verified_rule(model: nn.Module) -> RoutingRule:
-    """The routing rule the kernel reproduces ``model`` with, or :class:`UnsupportedModelError` saying what differed."""
+def layer_routing(model: nn.Module, layer_index: int) -> LayerRouting:
+    """How MoE layer ``layer_index`` routes, verified; :class:`UnsupportedModelError` saying what
+    differed when the kernel does not reproduce it."""
     check = routing_check(model)
-    if check.rule is None:
+    routing = check.layers[layer_index]
+    if routing.rule is None:
+        steerable = [index for index, layer in check.layers.items() if layer.rule is not None]
+        elsewhere = f" Layers {steerable} are steerable." if steerable else ""
         raise UnsupportedModelError(
-            f"{moe_view(model).model_type}: moelens traces this model exactly, but cannot steer it: no routing rule "
-            f"reproduces its routers ({check.candidates} rules inferred from its config tried on {check.tokens} tokens per "
-            f"layer). {check.problem}"
+            f"{moe_view(model).model_type}: moelens traces this model exactly, but cannot steer layer {layer_index}: no "
+            f"routing rule reproduces its router ({check.candidates} rules inferred from its config tried on {check.tokens} "
+            f"tokens).{elsewhere} {routing.problem}"
         )
-    return check.rule
+    return routing
 
 
 def check_rule(model: nn.Module, rule: RoutingRule, reading: RouterReading = RouterReading()) -> RoutingCheck:
     """Check a given ``rule`` against ``model`` (not cached): ``problem`` says what differed."""
     observed = _observe(model)
-    problem = _mismatch(rule, reading, observed)
-    return RoutingCheck(rule if problem is None else None, reading, problem, _tokens(observed), 1)
+    layers = {}
+    for seen in observed:
+        problem = _mismatch(rule, reading, [seen])
+        layers[seen.layer.index] = LayerRouting(rule if problem is None else None, reading, problem)
+    return RoutingCheck(layers, _tokens(observed), 1)
 
 
 def scaled_by_expert(weights: torch.Tensor, indices: torch.Tensor, expert_scale: torch.Tensor | None) -> torch.Tensor:
@@ -242,13 +277,19 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:
     candidates = _candidates(moe_view(model).text_config, observed)
-    first_problem = None
     for count, (rule, reading) in enumerate(candidates, start=1):
-        problem = _mismatch(rule, reading, observed)
-        if problem is None:
-            return RoutingCheck(rule, reading, None, _tokens(observed), count)
-        first_problem = first_problem or f"With the config's rule ({describe_rule(rule, reading)}): {problem}"
-    return RoutingCheck(None, RouterReading(), first_problem, _tokens(observed), len(candidates))
+        if _mismatch(rule, reading, observed) is None:  # one rule for every layer
+            return RoutingCheck({seen.layer.index: LayerRouting(rule, reading, None) for seen in observed}, _tokens(observed), count)
+    layers = {seen.layer.index: _infer_layer(seen, candidates) for seen in observed}
+    return RoutingCheck(layers, _tokens(observed), len(candidates))
+
+
+def _infer_layer(seen: _Observed, candidates: list[tuple[RoutingRule, RouterReading]]) -> LayerRouting:
+    for rule, reading in candidates:
+        if _mismatch(rule, reading, [seen]) is None:
+            return LayerRouting(rule, reading, None)
+    rule, reading = candidates[0]
+    return LayerRouting(None, RouterReading(), f"With the config's rule ({describe_rule(rule, reading)}): {_mismatch(rule, reading, [seen])}")
 
 
 def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, RouterReading]]:

@@ -281,10 +281,9 @@ class Tracer(TraceTables):
         from moelens.kernels.routing import choice_scores
 
         logits, weights, indices = output
-        if self._ranking is None:
+        if layer_index not in self._ranking:
             return weights.float()
-        rule, reading, biases = self._ranking
-        bias = biases.get(layer_index)
+        rule, reading, bias = self._ranking[layer_index]
         safe = indices.clamp(max=logits.shape[-1] - 1)  # the empty-slot sentinel E has no score
         return choice_scores(reading.kernel_logits(logits), rule, bias.to(logits.device) if bias is not None else None).gather(-1, safe)
 
@@ -425,19 +424,22 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
     return table.sort_by([(key, "ascending") for key in keys])
 
 
-def _ranking(model: nn.Module, layers: Sequence[MoeLayer]) -> tuple[RoutingRule, RouterReading, dict[int, torch.Tensor]] | None:
-    """The verified rule, router reading and per-layer correction biases to rank slots by, for
-    models whose weights are not monotone in the choice scores (a correction bias or a per-expert
-    scale); ``None`` otherwise, or when no rule reproduces the model (ranks then follow the weights)."""
+def _ranking(model: nn.Module, layers: Sequence[MoeLayer]) -> dict[int, tuple[RoutingRule, RouterReading, torch.Tensor | None]]:
+    """Per MoE layer whose weights are not monotone in the choice scores (a correction bias or a
+    per-expert scale): its verified rule, router reading and correction bias to rank slots by.
+    Other layers, and layers no rule reproduces, rank by weight."""
     from moelens.hooks.adapters import correction_bias_of
 
     if not any(layer.correction_bias or layer.expert_scale for layer in layers):
-        return None
+        return {}
     check = routing_check.routing_check(model)
-    if check.rule is None or not (check.reading.correction_bias or check.reading.expert_scale):
-        return None
-    biases = {layer.index: correction_bias_of(layer) for layer in layers if check.reading.correction_bias and layer.correction_bias}
-    return check.rule, check.reading, biases
+    ranking = {}
+    for layer in layers:
+        routing = check.layers[layer.index]
+        if routing.rule is not None and (routing.reading.correction_bias or routing.reading.expert_scale):
+            bias = correction_bias_of(layer) if routing.reading.correction_bias else None
+            ranking[layer.index] = (routing.rule, routing.reading, bias)
+    return ranking
 
 
 def _end_token_ids(model: nn.Module, tokenizer: Any, given: Collection[int] | None) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ MODEL_TYPES = moe_model_types()
 
 # Families of transformers 5.24 that moelens traces but cannot steer yet, and why (the table's reasons say the same).
 NOT_STEERABLE = {
-    "deepseek_v4": "its first layers route by a hash of the token id, not by scores",
+    "deepseek_v4": "hash-routed first layers (token id -> experts); the others score with sqrt(softplus)",
     "inkling_text": "the shared experts' scores join the routed experts' normalisation",
     "kolibri1": "the correction bias is added to the raw logits of a select-then-score rule",
     "phimoe": "sparsemixer weights are not a top-k of softmax or sigmoid scores",
@@ -210,7 +210,7 @@ def test_an_unreproducible_router_is_traced_but_not_steered():
     with torch.no_grad(), moelens.trace(model) as tracer:
         model(**_batch(model))
     assert len(tracer.routes) > 0
-    with pytest.raises(UnsupportedModelError, match="cannot steer it: .*weights differ at layer 0"):
+    with pytest.raises(UnsupportedModelError, match="cannot steer layer 0: .*weights differ at layer 0"):
         with intervene(model, disable({0: [0]})):
             pass
 
@@ -277,3 +277,30 @@ def test_per_expert_scales_are_verified_and_do_not_change_the_rank():
     real = batch["attention_mask"].reshape(-1).bool()
     first = tracer.routes.query("layer == @layer.index and rank == 0").sort_values(["prompt_id", "position"])
     assert first["expert"].tolist() == probabilities[-1][real].argmax(dim=-1).tolist()
+
+
+def test_a_layer_no_rule_reproduces_is_refused_alone():
+    """Rules are verified per layer: a layer whose router does something the kernel cannot (here
+    its weights squared after the family's routing) is traced but not steered; the others are."""
+    from moelens.interventions import disable
+
+    model = build_tiny_model("qwen3_moe")
+    first, second = moe_layers(model)[:2]
+    original = second.router.forward
+
+    def squared(hidden_states):
+        logits, weights, indices = original(hidden_states)
+        return logits, weights**2, indices
+
+    second.router.forward = squared
+    check = routing_check(model)
+    assert not check.verified and check.layers[first.index].rule is not None and check.layers[second.index].rule is None
+    assert f"weights differ at layer {second.index}" in check.layers[second.index].problem
+    batch = _batch(model)
+    with intervene(model, disable({first.index: [0]})), moelens.trace(model) as tracer:
+        with torch.no_grad():
+            model(**batch)
+    assert 0 not in set(tracer.routes.query("layer == @first.index")["expert"]) and len(tracer.routes.query("layer == @second.index"))
+    with pytest.raises(UnsupportedModelError, match=rf"cannot steer layer {second.index}: .* Layers \[{first.index}\] are steerable"):
+        with intervene(model, disable({second.index: [0]})):
+            pass

@@ -334,7 +334,7 @@ def test_specs_that_do_not_fit_the_model(spec, message):
 
 def test_phimoe_interventions_are_refused_clearly():
     model, _ = moelens.load("tiny:phimoe")
-    with pytest.raises(UnsupportedModelError, match=r"cannot steer it: no routing rule reproduces its routers .* weights differ at layer 0"):
+    with pytest.raises(UnsupportedModelError, match=r"cannot steer layer 0: no routing rule reproduces its router .* weights differ at layer 0"):
         with intervene(model, disable({0: [0]})):
             pass
 

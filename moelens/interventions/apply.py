@@ -32,7 +32,7 @@ from moelens.hooks.adapters import (
     with_dense_routing,
     with_experts_routing,
 )
-from moelens.hooks.routing_check import RouterReading, routing_check, scaled_by_expert, verified_rule
+from moelens.hooks.routing_check import RouterReading, layer_routing, scaled_by_expert
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
@@ -184,14 +184,15 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
                     grouped.setdefault(_Group(part.tokens, entry.rows), []).append(part)
         if not grouped:
             continue
-        # only a spec that changes routing needs the rule: tracing families without one stays possible
-        rule = verified_rule(model)  # raises for models whose routing the kernel does not reproduce
+        # only a spec that changes a layer's routing needs its rule: tracing layers without one stays possible
+        routing = layer_routing(model, index)  # raises for a layer whose routing the kernel does not reproduce
+        rule, reading = routing.rule, routing.reading
+        assert rule is not None
         groups = tuple(grouped)
         variants = tuple(
             _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
             for members in _combinations(groups)
         )
-        reading = routing_check(model).reading
         plans.append(
             _LayerPlan(
                 layer=layer,

@@ -109,8 +109,10 @@ def _steer(model: nn.Module, routes: Any) -> str:
     from moelens.interventions import disable, intervene
 
     check = routing_check(model)
-    if check.rule is None:
-        raise UnsupportedModelError(f"no routing rule reproduces its routers. {check.problem}")
+    if not check.verified:
+        steerable = [index for index, layer in check.layers.items() if layer.rule is not None]
+        partly = f"only layers {steerable} are steerable; " if steerable else ""
+        raise UnsupportedModelError(f"{partly}no routing rule reproduces every router. {check.problem}")
     layer = moe_layers(model)[0].index
     busiest = int(routes.query("layer == @layer")["expert"].value_counts().index[0])
     batch = _batch(model)
@@ -121,6 +123,8 @@ def _steer(model: nn.Module, routes: Any) -> str:
         raise AssertionError(f"disabled expert {busiest} still routed at layer {layer}")
     if torch.equal(plain, steered):
         raise AssertionError("disabling the busiest expert left the logits unchanged")
+    if check.rule is None:
+        return "; ".join(f"layer {index}: {describe_rule(layer.rule, layer.reading)}" for index, layer in check.layers.items() if layer.rule)
     return describe_rule(check.rule, check.reading)
 
 
