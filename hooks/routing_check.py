@@ -343,7 +343,7 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
             RouterReading(use_bias, probabilities, expert_scale),
         )
         for score, before, renorm, scaling, group, use_bias, probabilities, expert_scale in options
-        if not (before and (use_bias or group[0] > 1))  # the kernel defines bias and groups on scores only
+        if not (before and group[0] > 1)  # the kernel limits groups on scores only
         and not (probabilities and (score != "softmax" or before))  # log-probabilities give back only a softmax
     ]
 

@@ -51,8 +51,8 @@ def _route_all_tokens(
 
     # 2. Scores and choice scores.
     full_scores = torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
-    if rule.select_before_score:
-        choice = x
+    if rule.select_before_score:  # the bias steers the choice; weights score the selected raw logits
+        choice = x if correction_bias is None else x + correction_bias.float()
     else:
         choice = full_scores if correction_bias is None else full_scores + correction_bias.float()
         choice = choice.masked_fill(disabled, NEG_INF)  # sigmoid(-inf) + bias would still be finite

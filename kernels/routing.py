@@ -3,7 +3,7 @@
 Pipeline (per token):
     logits -> (+ logit_bias, disabled experts -> -inf)
            -> scores: softmax | sigmoid over all experts      (skipped by select_before_score rules)
-           -> choice = scores (+ correction_bias)             (select_before_score rules: choice = logits)
+           -> choice = scores (+ correction_bias)             (select_before_score rules: logits (+ correction_bias))
            -> group-limited selection (n_group > 1): experts outside the best topk_group groups leave the choice
            -> select: top-k | top-p prefix | the rank-r expert; forced experts take the last slots
            -> weights: gather scores (select_before_score: score function over the selected logits only)
@@ -39,7 +39,7 @@ class RoutingRule:
 
     top_k: int
     score: Literal["softmax", "sigmoid"]
-    select_before_score: bool = False  # GPT-OSS, Granite, Llama-4: top-k over raw logits, then score the k
+    select_before_score: bool = False  # GPT-OSS, Granite, Llama-4, Kolibri: top-k over raw logits (+ bias), then score the k
     renormalize: bool = False  # divide the selected weights by their sum (+1e-20, DeepSeek-V3's guard)
     scaling: float = 1.0  # DeepSeek routed_scaling_factor
     n_group: int = 1  # DeepSeek group-limited top-k
@@ -120,10 +120,10 @@ _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 def choice_scores(logits: Tensor, rule: RoutingRule, correction_bias: Tensor | None = None) -> Tensor:
     """[T, E] float32 the scores experts are chosen by, without interventions or group limits: the
-    logits for select_before_score rules, else score(logits) (+ correction_bias)."""
+    logits (+ correction_bias) for select_before_score rules, else score(logits) (+ correction_bias)."""
     x = logits.float()
     if rule.select_before_score:
-        return x
+        return x if correction_bias is None else x + correction_bias.float()
     scores = torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
     return scores if correction_bias is None else scores + correction_bias.float()
 
@@ -154,8 +154,6 @@ def validate(
     num_tokens, num_experts = logits.shape
     _validate_rule(rule, num_experts)
     if correction_bias is not None:
-        if rule.select_before_score:
-            raise ValueError("correction_bias is only defined for score-first rules (select_before_score=False)")
         _check_vector("correction_bias", correction_bias, num_experts, logits.device, float)
     if controls is None:
         return

@@ -100,8 +100,10 @@ def _route(
     x = logits.float() if prep.shift is None else logits.float() + prep.shift  # [T, E]: bias and disable, one pass
 
     monotone = rule.select_before_score or (rule.n_group == 1 and correction_bias is None)
-    if monotone:
-        scores, choice = None, x  # choice in the same order as the scores; disabled experts are already -inf
+    if monotone:  # choice in the same order as the scores; disabled experts are already -inf
+        scores = None
+        # select-before-score rules with a bias (Kolibri): the bias steers the choice, not the weights
+        choice = x if correction_bias is None else x + correction_bias.float()
     else:
         scores = _score(x, rule)
         choice_shift = correction_bias.float() if correction_bias is not None else None
@@ -133,7 +135,8 @@ def _route(
         indices = indices[:, c.rank - 1 :]  # [T, 1]
         return _reweigh((indices != num_experts).float() * rule.scaling, indices, c, prep), indices
 
-    picked = values if monotone else None  # [T, K] selected logits, -inf in empty slots
+    # [T, K] selected logits, -inf in empty slots (with a choice bias: the raw logits, gathered)
+    picked = (values if correction_bias is None else _gathered(x, indices)) if monotone else None
     eligible_mass = None
     if c.top_p is not None:
         cut, eligible_mass = _beyond_top_p(x, scores, choice, indices, rule, c.top_p)
@@ -146,7 +149,7 @@ def _route(
             order = forced_key.index_select(1, force_ids).argsort(dim=-1, descending=True, stable=True)
             forced = force_ids[order]
         indices = torch.cat([indices, forced], dim=-1)  # forced experts take the last slots
-        picked = torch.cat([values, x.gather(1, forced)], dim=-1) if monotone else None
+        picked = torch.cat([picked, x.gather(1, forced)], dim=-1) if monotone else None
     renormalize = c.top_p_renormalize if c.top_p is not None else rule.renormalize
     if picked is None:
         if may_be_empty or c.top_p is not None:
@@ -209,6 +212,12 @@ def _limit_to_best_groups(choice: Tensor, rule: RoutingRule, *, has_ineligible: 
     kept = group_scores.new_zeros(group_scores.shape, dtype=torch.bool)
     kept.scatter_(1, group_scores.topk(rule.topk_group, dim=-1, sorted=False).indices, True)  # [T, G]
     return grouped.masked_fill(~kept[..., None], NEG_INF).view_as(choice)
+
+
+def _gathered(x: Tensor, indices: Tensor) -> Tensor:
+    """[T, K] x at ``indices``, -inf in empty slots (index E)."""
+    num_experts = x.shape[1]
+    return x.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, NEG_INF)
 
 
 def _beyond_top_p(

@@ -72,8 +72,10 @@ def _routing_kernel(
         scores = e / tl.sum(e, axis=1)[:, None]
     else:
         scores = tl.sigmoid(x)
-    if SELECT_BEFORE_SCORE:
+    if SELECT_BEFORE_SCORE:  # the bias steers the choice; weights score the selected raw logits
         choice = x
+        if correction_bias_ptr is not None:
+            choice = choice + tl.load(correction_bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     else:
         choice = scores
         if correction_bias_ptr is not None:

@@ -27,7 +27,6 @@ MODEL_TYPES = moe_model_types()
 NOT_STEERABLE = {
     "deepseek_v4": "hash-routed first layers (token id -> experts); the others score with sqrt(softplus)",
     "inkling_text": "the shared experts' scores join the routed experts' normalisation",
-    "kolibri1": "the correction bias is added to the raw logits of a select-then-score rule",
     "phimoe": "sparsemixer weights are not a top-k of softmax or sigmoid scores",
     "zaya": "an extra 'skip' class in the router's softmax",
 }

@@ -54,10 +54,12 @@ def _family_rule(family: str, num_experts: int, top_k: int) -> RoutingRule:
         "qwen_raw": RoutingRule(top_k, "softmax"),
         "gpt_oss": RoutingRule(top_k, "softmax", select_before_score=True),
         "llama4": RoutingRule(top_k, "sigmoid", select_before_score=True),
+        "kolibri": RoutingRule(top_k, "sigmoid", select_before_score=True, renormalize=True),  # + a bias on the logits
     }[family]
 
 
-FAMILIES = ["mixtral", "qwen_raw", "gpt_oss", "llama4", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen_raw", "gpt_oss", "llama4", "kolibri", "deepseek_v2", "deepseek_v3"]
+BIASED = ("deepseek_v3", "kolibri")  # families routed with a choice-only correction bias
 CONTROL_KINDS = [
     "none", "bias", "disable", "force", "drop", "drop_renorm", "multiplier", "multiplier_renorm",
     "top_p", "top_p_renorm", "rank", "masked_disable", "combined",
@@ -104,7 +106,7 @@ def _case(family: str, kind: str, num_experts: int, top_k: int, num_tokens: int,
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, num_experts, generator=gen) * 2
     rule = _family_rule(family, num_experts, top_k)
-    correction_bias = torch.randn(num_experts, generator=gen) * 0.3 if family == "deepseek_v3" else None
+    correction_bias = torch.randn(num_experts, generator=gen) * 0.3 if family in BIASED else None
     return logits, rule, correction_bias, _controls(kind, num_tokens, num_experts, top_k, gen)
 
 
@@ -211,6 +213,9 @@ HF_FAMILIES = {
     "llama4": Family("llama4", "Llama4TextConfig", "Llama4Router", "num_local_experts",
                      lambda c: RoutingRule(c.num_experts_per_tok, "sigmoid", select_before_score=True),
                      config_kwargs=(("num_experts_per_tok", 2),)),
+    "kolibri1": Family("kolibri1", "Kolibri1Config", "Kolibri1TopKRouter", "num_experts",
+                       lambda c: RoutingRule(c.num_experts_per_tok, "sigmoid", select_before_score=True, renormalize=True),
+                       config_kwargs=(("norm_topk_prob", True),)),  # the correction bias is added to the raw logits
     "deepseek_v2_greedy": Family(
         "deepseek_v2", "DeepseekV2Config", "DeepseekV2TopkRouter", "n_routed_experts",
         lambda c: RoutingRule(c.num_experts_per_tok, "softmax", scaling=c.routed_scaling_factor),
@@ -510,8 +515,6 @@ def test_rule_validation_errors(rule: RoutingRule, match: str) -> None:
 def test_input_validation_errors() -> None:
     with pytest.raises(ValueError, match=r"logits must be a float \[T, E\] tensor"):
         route(torch.randn(2, 3, E), RULE)
-    with pytest.raises(ValueError, match="correction_bias is only defined for score-first rules"):
-        route(torch.randn(3, E), RoutingRule(2, "softmax", select_before_score=True), correction_bias=torch.zeros(E))
     with pytest.raises(ValueError, match="impl='cuda' is not one of"):
         route(torch.randn(3, E), RULE, impl="cuda")  # type: ignore[arg-type]
 
