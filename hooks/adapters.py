@@ -134,7 +134,7 @@ def _discover(model: nn.Module) -> MoeView:
         suspects = _router_like_modules(model)
         hint = (
             f" Modules that look like routers: {', '.join(suspects[:5])}{' ...' if len(suspects) > 5 else ''}, but no "
-            "experts module with fused [E, ...] weights sits beside them (an older per-expert ModuleList layout?)."
+            "experts module with fused [E, ...] weights sits beside them (experts kept as separate modules or as table rows are not read)."
             if suspects
             else " No module looks like an MoE router, so it is probably a dense model"
             " (or every layer is configured dense: check mlp_only_layers / first_k_dense_replace / decoder_sparse_step)."
@@ -320,7 +320,8 @@ def _router_like_modules(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         cls = type(module).__name__.lower()
-        if "router" in cls or "topk" in cls or name.endswith(("router", ".gate")):
+        leaf = name.rsplit(".", 1)[-1]
+        if "router" in cls or "topk" in cls or "gating" in cls or "router" in leaf or leaf == "gate":
             names.append(f"{name} ({type(module).__name__})")
     return names
 

@@ -31,7 +31,7 @@ NOT_STEERABLE = {
     "zaya": "an extra 'skip' class in the router's softmax",
 }
 NOT_TRACED = {
-    "doge": "its MoE (cross-domain, per-token expert retrieval) has no fused experts module",
+    "doge": "its experts are rows of a product-key table, not a fused experts module",
     "jetmoe": "its experts take routing in another calling convention",
 }
 
