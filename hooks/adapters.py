@@ -66,13 +66,22 @@ class MoeLayer:
 
 @dataclass(frozen=True, eq=False)
 class MoeView:
-    """A model's MoE structure, discovered once (:func:`moe_view`)."""
+    """A model's MoE structure, discovered once (:func:`moe_view`). It holds no reference to the
+    model object itself (the cache is keyed weakly on it), only to its submodules."""
 
     model_type: str
-    stack: nn.Module  # the text decoder stack: owns the decoder layers, one forward per step
+    _stack: weakref.ref[nn.Module]  # weak: for a base model passed directly, the stack is the model itself
     decoder_layers: nn.ModuleList  # every decoder layer, dense ones included
     layers: tuple[MoeLayer, ...]
     text_config: Any
+
+    @property
+    def stack(self) -> nn.Module:
+        """The text decoder stack: owns the decoder layers, one forward per step."""
+        stack = self._stack()
+        if stack is None:
+            raise ReferenceError("the model this view describes no longer exists")
+        return stack
 
     @property
     def num_decoder_layers(self) -> int:
@@ -141,7 +150,7 @@ def _discover(model: nn.Module) -> MoeView:
         )
         raise UnsupportedModelError(f"{type(model).__name__} ({model_type}) has no MoE layers moelens can read.{hint}")
     assert stack is not None
-    return MoeView(model_type, stack, decoder_layers, tuple(found), config)
+    return MoeView(model_type, weakref.ref(stack), decoder_layers, tuple(found), config)
 
 
 def _text_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -287,7 +296,10 @@ def execution_device(module: nn.Module) -> torch.device:
     hook = getattr(module, "_hf_hook", None)
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
-    return next(p.device for p in module.parameters())
+    device = next((p.device for p in module.parameters()), None)
+    if device is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has no parameters to tell where it computes")
+    return device
 
 
 def materialized(module: nn.Module, path: str) -> torch.Tensor:
@@ -390,7 +402,8 @@ def dense_routing(output: Any, layer: MoeLayer) -> tuple[torch.Tensor, torch.Ten
             f"is not a [tokens, {layer.num_experts}] score matrix, so moelens cannot read which experts were chosen"
         )
     weights, index = scores.reshape(-1, layer.num_experts).topk(layer.top_k, dim=-1)
-    return index, weights
+    # fewer than k non-zero scores (an intervention emptied slots): the rest are empty slots, not experts
+    return torch.where(weights != 0, index, layer.num_experts), weights
 
 
 def with_dense_routing(output: Any, index: torch.Tensor, weights: torch.Tensor) -> Any:

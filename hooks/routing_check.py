@@ -129,16 +129,27 @@ class _Observed:
     expert_scale: torch.Tensor | None  # [E]
 
 
-_CHECKS: weakref.WeakKeyDictionary[Any, RoutingCheck] = weakref.WeakKeyDictionary()
+_CHECKS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], RoutingCheck]] = weakref.WeakKeyDictionary()
 _PROBE_TOKENS = 32  # random hidden rows each MoE block routes in the check
 
 
 def routing_check(model: nn.Module) -> RoutingCheck:
-    """Infer and verify ``model``'s routing rule (once per model object; the result is cached)."""
-    check = _CHECKS.get(model)
-    if check is None:
-        check = _CHECKS[model] = _infer(model, _observe(model))
-    return check
+    """Infer and verify ``model``'s routing rules. Cached per model object until a router's
+    parameters or buffers change in place (``load_state_dict``, training): then checked again."""
+    fingerprint = _router_versions(model)
+    cached = _CHECKS.get(model)
+    if cached is None or cached[0] != fingerprint:
+        cached = _CHECKS[model] = (fingerprint, _infer(model, _observe(model)))
+    return cached[1]
+
+
+def _router_versions(model: nn.Module) -> tuple[int, ...]:
+    """The in-place version counters of every router's and MoE block's own tensors."""
+    tensors = []
+    for layer in moe_view(model).layers:
+        tensors += [*layer.router.parameters(), *layer.router.buffers()]
+        tensors += [*layer.block.parameters(recurse=False), *layer.block.buffers(recurse=False)]
+    return tuple(t._version for t in tensors)
 
 
 def layer_routing(model: nn.Module, layer_index: int) -> LayerRouting:
@@ -217,7 +228,7 @@ def _observe(model: nn.Module) -> list[_Observed]:
         with torch.no_grad():
             try:
                 for layer in view.layers:
-                    layer.block(rows.to(execution_device(layer.router), _dtype(layer.router)))
+                    layer.block(rows.to(_device(layer), _dtype(layer)))
             except (RuntimeError, ValueError, TypeError, AttributeError):
                 # a block that needs more than hidden states (e.g. its decoder layer holds the
                 # router): one forward pass of the whole model instead, which tracers skip
@@ -271,8 +282,21 @@ def _forward_probe(model: nn.Module) -> None:
         PROBING = False
 
 
-def _dtype(module: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+def _device(layer: MoeLayer) -> torch.device:
+    """Where the block computes: the router's execution device (its offload hook's, if any), else the block's."""
+    has_parameters = next(layer.router.parameters(), None) is not None
+    return execution_device(layer.router if has_parameters else layer.block)
+
+
+def _dtype(layer: MoeLayer) -> torch.dtype:
+    """The dtype the block computes in (the router's parameters, else the block's)."""
+    import torch
+
+    for module in (layer.router, layer.block):
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            return dtype
+    return torch.float32
 
 
 def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:

@@ -81,7 +81,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
         logits = router_logits(output, layer)
         placed = plan.on(logits.device)
         (variant,) = placed.variants
-        weights, indices = route(plan.reading.kernel_logits(logits), plan.rule, correction_bias=placed.correction_bias, controls=variant.controls)
+        weights, indices = route(plan.reading.kernel_logits(logits), variant.rule, correction_bias=placed.correction_bias, controls=variant.controls)
         new_weights, new_indices = fill_empty_slots(scaled_by_expert(weights, indices, placed.expert_scale), indices, layer.num_experts)
         if layer.dense_scores:  # Llama 4: the router's dense score matrix is what the experts get
             router.output = with_dense_routing(output, new_indices, new_weights)

@@ -112,6 +112,7 @@ class Tracer(TraceTables):
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
         self._steps: list[_Recorded] = []
+        self._cuda_devices: set[torch.device] = set()  # where recorded steps were condensed
         self._on_device = 0  # index of the oldest recorded step whose tensors are still on the device
         self._session: _Session | None = None
         self._current: _Step | None = None
@@ -228,7 +229,14 @@ class Tracer(TraceTables):
         import torch
 
         layer_ids = [layer.index for layer in self.layers]
-        outs = [(step.logits[i], step.routing[i][1], step.routing[i][0]) for i in layer_ids]
+        home = step.tokens.real.device  # layers may sit on several devices (device_map): stack on one
+        if home.type == "cuda":
+            self._cuda_devices.add(home)
+
+        def here(t: torch.Tensor) -> torch.Tensor:
+            return t.to(home, non_blocking=True)
+
+        outs = [(here(step.logits[i]), here(step.routing[i][1]), here(step.routing[i][0])) for i in layer_ids]
         tensors = {
             "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
             "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
@@ -257,8 +265,8 @@ class Tracer(TraceTables):
 
         layer_ids = [layer.index for layer in self.layers]
         host = [{k: v.to("cpu", non_blocking=True) for k, v in step.tensors.items()} for step in self._steps]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        for device in self._cuda_devices:
+            torch.cuda.synchronize(device)  # every device copies came from (budget moves too), not only the current one
         for step_host in host:
             bad = np.flatnonzero(step_host["nan"].numpy())
             if bad.size:

@@ -303,3 +303,50 @@ def test_a_layer_no_rule_reproduces_is_refused_alone():
     with pytest.raises(UnsupportedModelError, match=rf"cannot steer layer {second.index}: .* Layers \[{first.index}\] are steerable"):
         with intervene(model, disable({second.index: [0]})):
             pass
+
+
+def test_top_k_on_a_dense_score_family_keeps_its_weights_and_records_no_phantom_experts():
+    """Llama 4 (sigmoid of the chosen logits, no renormalisation): top_k(1) gives each token its best
+    expert at the router's own weight, sigmoid(max logit); the trace holds exactly one expert per token."""
+    from moelens.interventions import top_k
+
+    model = _model("llama4_text")
+    layer = moe_layers(model)[0]
+    seen = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: seen.append(output))
+    batch = _batch(model)
+    try:
+        with torch.no_grad(), intervene(model, top_k(1)), moelens.trace(model) as tracer:
+            model(**batch)
+    finally:
+        handle.remove()
+    scores, logits = seen[-1][0].float(), seen[-1][1].float()
+    assert ((scores != 0).sum(dim=-1) == 1).all()
+    torch.testing.assert_close(scores.max(dim=-1).values, torch.sigmoid(logits.max(dim=-1).values))
+    per_token = tracer.routes.query("layer == @layer.index").groupby(["prompt_id", "position"]).size()
+    assert len(per_token) == int(batch["attention_mask"].sum()) and (per_token == 1).all()
+
+
+def test_models_are_not_kept_alive_by_moelens():
+    import gc
+    import weakref
+
+    model = build_tiny_model("mixtral")
+    base = model.model  # a base model passed directly: its own decoder stack
+    with torch.no_grad(), intervene(model, disable({0: [1]})), moelens.trace(model):
+        model(**_batch(model))
+    moe_layers(base)
+    alive = weakref.ref(model)
+    del model, base
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_routing_check_is_redone_after_a_router_changes():
+    model = build_tiny_model("mixtral")
+    assert routing_check(model).verified
+    router = moe_layers(model)[0].router
+    with torch.no_grad():
+        router.weight.zero_()  # every token ties: nothing to verify against
+    check = routing_check(model)
+    assert not check.verified and "tie" in check.problem

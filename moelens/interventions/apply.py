@@ -87,6 +87,7 @@ class _Variant:
 
     members: tuple[int, ...]
     controls: RoutingControls
+    rule: RoutingRule  # the layer's rule, with fewer slots under a top_k part
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class _LayerPlan:
             def to(tensor: torch.Tensor | None) -> torch.Tensor | None:
                 return tensor.to(device) if tensor is not None else None
 
-            variants = tuple(_Variant(v.members, moved(v.controls)) for v in self.variants)
+            variants = tuple(_Variant(v.members, moved(v.controls), v.rule) for v in self.variants)
             self._placed[device] = _Placed(to(self.correction_bias), to(self.expert_scale), variants)
         return self._placed[device]
 
@@ -190,7 +191,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
         assert rule is not None
         groups = tuple(grouped)
         variants = tuple(
-            _Variant(members, _compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
+            _Variant(members, *_compile(layer, rule, [p for i in members for p in grouped[groups[i]]]))
             for members in _combinations(groups)
         )
         plans.append(
@@ -232,8 +233,10 @@ def _rows_overlap(ranges: list[Rows]) -> bool:
     return not stops or start < min(stops)
 
 
-def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingControls:
-    """Fold one layer's parts (same token scope) into per-expert vectors."""
+def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[RoutingControls, RoutingRule]:
+    """Fold one layer's parts (same token scope) into per-expert vectors, and the rule they route under."""
+    import dataclasses
+
     import torch
 
     from moelens.kernels.routing import RoutingControls
@@ -282,14 +285,12 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
         elif isinstance(part, TopK):
             if part.k > rule.top_k:
                 raise SpecError(f"top_k: k = {part.k} in layer {index} exceeds the family's top-k = {rule.top_k}")
-            # the family's rule with fewer slots: a top-p prefix that never reaches p = 1 before k experts
-            setting("top_p", 1.0, part)
-            setting("top_p_max_k", part.k, part)
-            setting("top_p_renormalize", rule.renormalize, part)
+            setting("top_k", part.k, part)  # the family's own rule with fewer slots
         elif isinstance(part, Rank):
             if part.rank > num_experts:
                 raise SpecError(f"rank: rank {part.rank} is larger than the {num_experts} experts of layer {index}")
             setting("rank", part.rank, part)
+    routed = dataclasses.replace(rule, top_k=settings.pop("top_k")) if "top_k" in settings else rule
     remaining = num_experts - int(disable.sum())
     if remaining < rule.top_k:
         raise SpecError(
@@ -299,9 +300,9 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
     both = (force & (disable | drop)).nonzero().flatten().tolist()
     if both:
         raise SpecError(f"layer {index}: expert {both[0]} is both forced and disabled")
-    if int(force.sum()) > rule.top_k:
-        raise SpecError(f"force: {int(force.sum())} experts forced in layer {index}, but only top-k = {rule.top_k} slots exist")
-    return RoutingControls(
+    if int(force.sum()) > routed.top_k:
+        raise SpecError(f"force: {int(force.sum())} experts forced in layer {index}, but only top-k = {routed.top_k} slots exist")
+    controls = RoutingControls(
         logit_bias=bias if bias.any() else None,
         disable=disable if disable.any() else None,
         force=force if force.any() else None,
@@ -309,6 +310,7 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> RoutingCo
         multiplier=multiplier if (multiplier != 1).any() else None,
         **settings,
     )
+    return controls, routed
 
 
 def _group_mask(group: _Group, tokens: StepTokens) -> torch.Tensor:
@@ -334,36 +336,29 @@ def _group_mask(group: _Group, tokens: StepTokens) -> torch.Tensor:
 
 def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``logits`` [T, E] under the plan; tokens outside every group route as the family does."""
-    import dataclasses
-
     import torch
 
     from moelens.kernels.routing import route
 
     logits = plan.reading.kernel_logits(logits)
     placed = plan.on(logits.device)
-    correction_bias = placed.correction_bias
+    bias = placed.correction_bias
     if not plan.needs_steps:  # one universal group: the same controls for every token
         (variant,) = placed.variants
-        weights, indices = route(logits, plan.rule, correction_bias=correction_bias, controls=variant.controls)
+        weights, indices = route(logits, variant.rule, correction_bias=bias, controls=variant.controls)
         return scaled_by_expert(weights, indices, placed.expert_scale), indices
     assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
-    in_group = torch.stack([_group_mask(group, step) for group in plan.groups])  # [G, T]
-    weights = indices = None
+    in_group = torch.stack([_group_mask(group, step) for group in plan.groups]).to(logits.device)  # [G, T]
+    weights, indices = route(logits, plan.rule, correction_bias=bias)  # the family's routing, for tokens in no group
     for variant in placed.variants:
         members = torch.zeros(len(plan.groups), dtype=torch.bool, device=in_group.device)
         members[list(variant.members)] = True
         mask = (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
-        controls = dataclasses.replace(variant.controls, token_mask=mask)
-        w, i = route(logits, plan.rule, correction_bias=correction_bias, controls=controls)
-        if weights is None:  # tokens outside the mask are routed as the family does
-            weights, indices = w, i
-            continue
+        w, i = route(logits, variant.rule, correction_bias=bias, controls=variant.controls)
         width = max(weights.shape[-1], w.shape[-1])
         weights, indices = _pad_slots(weights, indices, width, plan.layer.num_experts)
         w, i = _pad_slots(w, i, width, plan.layer.num_experts)
         weights, indices = torch.where(mask[:, None], w, weights), torch.where(mask[:, None], i, indices)
-    assert weights is not None and indices is not None
     return scaled_by_expert(weights, indices, placed.expert_scale), indices
 
 
@@ -381,10 +376,17 @@ class _Session:
     active specs and swaps the hooks."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # weak: the session is the value of a dict keyed weakly on the model
         self.entries: list[_Entry] = []
         self._handles: list[Any] = []
         self._step: dict[str, StepTokens | None] = {"step": None}
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model of this intervention session no longer exists")
+        return model
 
     def push(self, entry: _Entry) -> None:
         plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
