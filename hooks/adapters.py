@@ -78,14 +78,19 @@ class MoeView:
     @property
     def stack(self) -> nn.Module:
         """The text decoder stack: owns the decoder layers, one forward per step."""
-        stack = self._stack()
-        if stack is None:
-            raise ReferenceError("the model this view describes no longer exists")
-        return stack
+        return alive(self._stack)
 
     @property
     def num_decoder_layers(self) -> int:
         return len(self.decoder_layers)
+
+
+def alive(ref: weakref.ref[nn.Module]) -> nn.Module:
+    """The module behind a weak reference moelens keeps to a user's model (it never keeps one alive)."""
+    module = ref()
+    if module is None:
+        raise ReferenceError("the model moelens was given no longer exists")
+    return module
 
 
 _VIEWS: weakref.WeakKeyDictionary[Any, MoeView] = weakref.WeakKeyDictionary()

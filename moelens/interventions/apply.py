@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens.hooks.adapters import (
     MoeLayer,
+    alive,
     correction_bias_of,
     expert_scale_of,
     experts_routing,
@@ -383,10 +384,7 @@ class _Session:
 
     @property
     def model(self) -> nn.Module:
-        model = self._model()
-        if model is None:
-            raise ReferenceError("the model of this intervention session no longer exists")
-        return model
+        return alive(self._model)
 
     def push(self, entry: _Entry) -> None:
         plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
