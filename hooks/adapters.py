@@ -285,13 +285,7 @@ def _per_expert(block: nn.Module, router: nn.Module, num_experts: int, word: str
 def input_device(model: nn.Module) -> torch.device:
     """Where ``model`` wants its input ids: the device its token embeddings compute on (the
     execution device of an offloaded embedding, whose weights sit on ``meta`` between calls)."""
-    import torch
-
-    embeddings = model.get_input_embeddings()
-    hook = getattr(embeddings, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    return embeddings.weight.device
+    return execution_device(model.get_input_embeddings())
 
 
 def execution_device(module: nn.Module) -> torch.device:

@@ -91,9 +91,27 @@ class RoutingCheck:
     steerable on some layers and traced only on others.
     """
 
+    model_type: str
     layers: dict[int, LayerRouting]
     tokens: int  # tokens compared at each MoE layer
     candidates: int  # rules tried
+
+    @property
+    def steerable_layers(self) -> list[int]:
+        return [index for index, layer in self.layers.items() if layer.rule is not None]
+
+    def steerable(self, layer_index: int) -> LayerRouting:
+        """How MoE layer ``layer_index`` routes, verified; :class:`UnsupportedModelError` saying
+        what differed when the kernel does not reproduce it."""
+        routing = self.layers[layer_index]
+        if routing.rule is None:
+            elsewhere = f" Layers {self.steerable_layers} are steerable." if self.steerable_layers else ""
+            raise UnsupportedModelError(
+                f"{self.model_type}: moelens traces this model exactly, but cannot steer layer {layer_index}: no routing "
+                f"rule reproduces its router ({self.candidates} rules inferred from its config tried on {self.tokens} "
+                f"tokens).{elsewhere} {routing.problem}"
+            )
+        return routing
 
     @property
     def verified(self) -> bool:
@@ -152,22 +170,6 @@ def _router_versions(model: nn.Module) -> tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
 
-def layer_routing(model: nn.Module, layer_index: int) -> LayerRouting:
-    """How MoE layer ``layer_index`` routes, verified; :class:`UnsupportedModelError` saying what
-    differed when the kernel does not reproduce it."""
-    check = routing_check(model)
-    routing = check.layers[layer_index]
-    if routing.rule is None:
-        steerable = [index for index, layer in check.layers.items() if layer.rule is not None]
-        elsewhere = f" Layers {steerable} are steerable." if steerable else ""
-        raise UnsupportedModelError(
-            f"{moe_view(model).model_type}: moelens traces this model exactly, but cannot steer layer {layer_index}: no "
-            f"routing rule reproduces its router ({check.candidates} rules inferred from its config tried on {check.tokens} "
-            f"tokens).{elsewhere} {routing.problem}"
-        )
-    return routing
-
-
 def check_rule(model: nn.Module, rule: RoutingRule, reading: RouterReading = RouterReading()) -> RoutingCheck:
     """Check a given ``rule`` against ``model`` (not cached): ``problem`` says what differed."""
     observed = _observe(model)
@@ -175,7 +177,7 @@ def check_rule(model: nn.Module, rule: RoutingRule, reading: RouterReading = Rou
     for seen in observed:
         problem = _mismatch(rule, reading, [seen])
         layers[seen.layer.index] = LayerRouting(rule if problem is None else None, reading, problem)
-    return RoutingCheck(layers, _tokens(observed), 1)
+    return RoutingCheck(moe_view(model).model_type, layers, _tokens(observed), 1)
 
 
 def scaled_by_expert(weights: torch.Tensor, indices: torch.Tensor, expert_scale: torch.Tensor | None) -> torch.Tensor:
@@ -303,9 +305,10 @@ def _infer(model: nn.Module, observed: list[_Observed]) -> RoutingCheck:
     candidates = _candidates(moe_view(model).text_config, observed)
     for count, (rule, reading) in enumerate(candidates, start=1):
         if _mismatch(rule, reading, observed) is None:  # one rule for every layer
-            return RoutingCheck({seen.layer.index: LayerRouting(rule, reading, None) for seen in observed}, _tokens(observed), count)
+            layers = {seen.layer.index: LayerRouting(rule, reading, None) for seen in observed}
+            return RoutingCheck(moe_view(model).model_type, layers, _tokens(observed), count)
     layers = {seen.layer.index: _infer_layer(seen, candidates) for seen in observed}
-    return RoutingCheck(layers, _tokens(observed), len(candidates))
+    return RoutingCheck(moe_view(model).model_type, layers, _tokens(observed), len(candidates))
 
 
 def _infer_layer(seen: _Observed, candidates: list[tuple[RoutingRule, RouterReading]]) -> LayerRouting:

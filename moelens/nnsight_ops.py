@@ -66,9 +66,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
     step selection (``tracer.iter[...]``) instead.
     """
     from moelens.hooks.adapters import experts_routing, module_name, router_logits, with_dense_routing, with_experts_routing
-    from moelens.hooks.routing_check import scaled_by_expert
-    from moelens.interventions.apply import bind, fill_empty_slots
-    from moelens.kernels.routing import route
+    from moelens.interventions.apply import bind, reroute
 
     scoped = [part.kind for part in spec.parts if part.tokens != "all"]
     if scoped:
@@ -79,10 +77,7 @@ def steer(wrapper: Any, spec: Intervention) -> None:
         router = _envoy(wrapper, module_name(model, layer.router))
         output = router.output
         logits = router_logits(output, layer)
-        placed = plan.on(logits.device)
-        (variant,) = placed.variants
-        weights, indices = route(plan.reading.kernel_logits(logits), variant.rule, correction_bias=placed.correction_bias, controls=variant.controls)
-        new_weights, new_indices = fill_empty_slots(scaled_by_expert(weights, indices, placed.expert_scale), indices, layer.num_experts)
+        new_weights, new_indices = reroute(plan, logits, None)  # all tokens: no step bookkeeping needed
         if layer.dense_scores:  # Llama 4: the router's dense score matrix is what the experts get
             router.output = with_dense_routing(output, new_indices, new_weights)
             continue

@@ -33,7 +33,7 @@ from moelens.hooks.adapters import (
     with_dense_routing,
     with_experts_routing,
 )
-from moelens.hooks.routing_check import RouterReading, layer_routing, scaled_by_expert
+from moelens.hooks.routing_check import RouterReading, RoutingCheck, routing_check, scaled_by_expert
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
@@ -178,6 +178,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
                     where = "is dense (no router)" if 0 <= index < num_layers else f"is out of range: the model has layers 0-{num_layers - 1}"
                     raise SpecError(f"{part.kind}: layer {index} {where}; MoE layers are {sorted(layers)}")
     plans = []
+    check: RoutingCheck | None = None
     for index, layer in layers.items():
         grouped: dict[_Group, list[Part]] = {}
         for entry in entries:
@@ -187,7 +188,8 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
         if not grouped:
             continue
         # only a spec that changes a layer's routing needs its rule: tracing layers without one stays possible
-        routing = layer_routing(model, index)  # raises for a layer whose routing the kernel does not reproduce
+        check = check or routing_check(model)  # once per bind, and only when a spec touches a layer
+        routing = check.steerable(index)  # raises for a layer whose routing the kernel does not reproduce
         rule, reading = routing.rule, routing.reading
         assert rule is not None
         groups = tuple(grouped)
@@ -335,8 +337,15 @@ def _group_mask(group: _Group, tokens: StepTokens) -> torch.Tensor:
     return mask.reshape(-1)
 
 
-def _reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route ``logits`` [T, E] under the plan; tokens outside every group route as the family does."""
+def reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, indices) [T, K] of the router's ``logits`` [T, E] under the plan, empty slots
+    filled (:func:`fill_empty_slots`); tokens outside every group route as the family does.
+    ``step`` is needed only by token- or row-scoped plans."""
+    weights, indices = _routed(plan, logits, step)
+    return fill_empty_slots(weights, indices, plan.layer.num_experts)
+
+
+def _routed(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     from moelens.kernels.routing import route
@@ -467,7 +476,7 @@ def _reroute_hook(plan: _LayerPlan, kept: dict[str, torch.Tensor], current: dict
         if routing is None or logits is None:
             raise RuntimeError(f"layer {plan.layer.index}: the experts ran without their router's logits or routing arguments")
         weights = routing[1]
-        new_weights, new_indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
+        new_weights, new_indices = reroute(plan, logits, current["step"])
         return with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))
 
     return hook
@@ -478,7 +487,7 @@ def _rescore_hook(plan: _LayerPlan, current: dict[str, StepTokens | None]) -> Ca
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         logits = router_logits(output, plan.layer)
-        weights, indices = fill_empty_slots(*_reroute(plan, logits, current["step"]), plan.layer.num_experts)
+        weights, indices = reroute(plan, logits, current["step"])
         return with_dense_routing(output, indices, weights)
 
     return hook

@@ -110,8 +110,7 @@ def _steer(model: nn.Module, routes: Any) -> str:
 
     check = routing_check(model)
     if not check.verified:
-        steerable = [index for index, layer in check.layers.items() if layer.rule is not None]
-        partly = f"only layers {steerable} are steerable; " if steerable else ""
+        partly = f"only layers {check.steerable_layers} are steerable; " if check.steerable_layers else ""
         raise UnsupportedModelError(f"{partly}no routing rule reproduces every router. {check.problem}")
     layer = moe_layers(model)[0].index
     busiest = int(routes.query("layer == @layer")["expert"].value_counts().index[0])
