@@ -169,6 +169,7 @@ def test_identity_rerouting_reproduces_the_logits(model_type):
     spec = logit_bias({layer.index: {0: 0.0} for layer in moe_layers(model)})
     with intervene(model, spec):
         rerouted, logits = _received(model, batch)
+    assert received and set(rerouted) == set(received)
     for layer, (index, weights) in received.items():
         assert torch.equal(rerouted[layer][0].sort(dim=-1).values, index.sort(dim=-1).values)
     torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-4)
