@@ -6,6 +6,7 @@
 #                     (make lock LOCK_UPGRADE= keeps the current pins and only adds what is new)
 #   make test-latest  the suite in .venv-latest against the newest versions pyproject.toml allows
 #   make bench        the side-by-side benchmarks
+#   make docs         executes the notebooks and renders them with their outputs to runs/docs/*.html (offline)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -21,7 +22,7 @@ TORCH_FIND_LINKS ?= /opt/wheels
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 LOCK_UPGRADE ?= --upgrade
 
-.PHONY: setup demo test test-latest lock bench clean
+.PHONY: setup demo test test-latest lock bench docs clean
 
 setup: $(STAMP)
 
@@ -68,6 +69,14 @@ bench: setup
 	$(BIN)/python -m benchmarks.routing_kernel
 	$(BIN)/python -m benchmarks.intervention_overhead
 	$(BIN)/python -m benchmarks.analysis_throughput
+
+# PLOTLY_RENDERER=notebook embeds plotly.js in each page (readable offline); widget state is saved
+# with the outputs, so the rendered grid and explorer show as they were left.
+docs: setup
+	mkdir -p runs/docs
+	PLOTLY_RENDERER=notebook $(BIN)/python -m jupyter nbconvert --to html --execute notebooks/*.ipynb \
+		--ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=True --output-dir runs/docs
+	@ls -l runs/docs/*.html
 
 clean:
 	rm -rf runs build dist *.egg-info

@@ -53,3 +53,34 @@ def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_s
     if count == 0:
         raise ValueError("no predicted tokens: every text is a single token")
     return total / count
+
+
+def continuation_logprob(model: Any, tokenizer: Any, prompt: str, continuation: str) -> tuple[float, int]:
+    """(sum of ln p(token | prompt, earlier continuation tokens) in nats, number of tokens) of
+    ``continuation`` after ``prompt``: the number steering experiments report for a reference answer.
+
+    The prompt is encoded as generation encodes it (special tokens included), the continuation
+    without special tokens, and the two id sequences are joined (no re-tokenisation across the
+    seam). The prompt runs as one prefill and each continuation token but the last is then fed
+    as a decode step with the KV cache, as if the model had generated it: interventions scoped to
+    ``"generated"`` tokens steer exactly the continuation, as they would in ``generate``. Runs
+    under whatever interventions are active on ``model``.
+    """
+    import torch
+
+    device = input_device(model)
+    prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)  # [1, P]
+    target = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)  # [1, C]
+    if target.shape[1] == 0:
+        raise ValueError(f"the continuation {continuation!r} encodes to no tokens; give a non-empty reference")
+    total = 0.0
+    cache = None
+    step_ids = prompt_ids
+    with torch.no_grad():
+        for index in range(target.shape[1]):
+            output = model(input_ids=step_ids, cache=cache, use_cache=True)
+            cache = output.cache
+            log_probs = torch.log_softmax(output.logits[0, -1].float(), dim=-1)  # [V]
+            total += float(log_probs[target[0, index]])
+            step_ids = target[:, index : index + 1]  # [1, 1], fed next as a decode step
+    return total, int(target.shape[1])

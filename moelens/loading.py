@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +84,7 @@ def load(
     dtype: str | Any | None = None,
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    progress: bool = False,
     **from_pretrained: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode and check it is a supported MoE model.
@@ -95,6 +98,8 @@ def load(
             may be ``"cpu"`` or ``"disk"``: offloading needs ``offload_folder`` and the
             ``moelens[big]`` extra, i.e. accelerate).
         trust_remote_code: allow custom modelling code shipped with the checkpoint (off by default).
+        progress: show transformers' weight-loading progress bars (off by default, so a notebook
+            cell that loads a model prints nothing; turn it on for large checkpoints).
         **from_pretrained: every other ``from_pretrained`` option, forwarded as is
             (``offload_folder``, ``max_memory``, ``quantization_config``, ``revision``,
             ``attn_implementation``, ``experts_implementation``...); for checkpoints and hub ids only.
@@ -123,7 +128,8 @@ def load(
 
         options = dict(dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code, **from_pretrained)
         try:
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, **options)
+            with _loading_bars(progress):
+                model = AutoModelForCausalLM.from_pretrained(checkpoint, **options)
             revision = {"revision": from_pretrained["revision"]} if "revision" in from_pretrained else {}
             tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code, **revision)
         except OSError as error:
@@ -139,6 +145,19 @@ def load(
     model.eval()
     moe_layers(model)  # fail now, with the family-aware message, rather than at the first trace
     return model, tokenizer
+
+
+@contextmanager
+def _loading_bars(shown: bool) -> Iterator[None]:
+    """Show or hide transformers' progress bars for the block, then restore the user's setting."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 def _torch_dtype(dtype: str | Any | None) -> Any:

@@ -273,7 +273,77 @@ SPECIALIZATION = [
     ),
 ]
 
-NOTEBOOKS = {"01_quickstart": QUICKSTART, "02_steering": STEERING, "03_specialization": SPECIALIZATION}
+EXPLORER = [
+    new_markdown_cell(
+        "# Exploring routing: the explorer, expert cards and linked views\n\n"
+        "Trace probe prompts in memory (no files), find the experts German text relies on, then look at what "
+        "disabling them does token by token (routing explorer), what one expert is about (expert card), and steer "
+        "from a heatmap click (linked views)."
+    ),
+    LOAD_MODEL,
+    new_markdown_cell(
+        "## An in-memory trace with tags\n`moelens.trace(model, prompts=..., tags=...)` runs the prompts now (batched and "
+        "padded as `collect` does) and returns a trace whose `prompts` table carries the tags, so every analysis takes it."
+    ),
+    new_code_cell(
+        "import json, pathlib\n"
+        "from IPython.display import HTML, display\n\n"
+        "PROBES = pathlib.Path('..') / 'data' / 'probes'  # notebooks run from notebooks/\n"
+        "records = [json.loads(line) for line in (PROBES / 'domains.jsonl').read_text().splitlines()]\n"
+        "sample = [r for domain in sorted({r['domain'] for r in records}) for r in [x for x in records if x['domain'] == domain][:12]]\n"
+        "texts, domains = [r['text'] for r in sample], [r['domain'] for r in sample]\n"
+        "baseline = moelens.trace(model, prompts=texts, tags={'domain': domains}, tokenizer=tokenizer)\n"
+        "baseline.prompts.groupby('domain').size().rename('prompts').to_frame().T"
+    ),
+    new_code_cell(
+        "ftri = {domain: analysis.ftri_scores(baseline, tag='domain', target=domain) for domain in sorted(set(domains))}\n"
+        "no_german = analysis.ftri_spec(ftri['de'], 8, kind='reroute')\n"
+        "with moelens.intervene(model, no_german):\n"
+        "    steered = moelens.trace(model, prompts=texts, tags={'domain': domains}, tokenizer=tokenizer)\n"
+        "print('disabled:', no_german.to_json())"
+    ),
+    new_markdown_cell(
+        "## The routing explorer\nA German prompt, each token coloured by its first-choice expert at the chosen layer "
+        "(hover or click a token for its experts and weights at every layer). The steered run is aligned below the "
+        "baseline: outlined tokens are decisions that changed, and the bars give the share of changed positions per layer."
+    ),
+    new_code_cell(
+        "from moelens.widgets import RoutingExplorer\n\n"
+        "german = int(baseline.prompts.query(\"domain == 'de'\")['prompt_id'].min())\n"
+        "explorer = RoutingExplorer(baseline, steered, tokenizer=tokenizer, prompt_id=german, names=('baseline', 'German experts disabled'))\n"
+        "explorer"
+    ),
+    new_markdown_cell(
+        "## An expert card\nThe expert German text over-uses most: its load, its fTRI contrasts against every domain, and the "
+        "contexts where the router gives it the highest weight (the chosen token highlighted)."
+    ),
+    new_code_cell(
+        "from moelens.widgets import card_html, expert_card\n\n"
+        "top = ftri['de'].iloc[0]\n\n"
+        "def card(layer, expert):\n"
+        "    '''The expert card of (layer, expert) over the baseline trace, as HTML.'''\n"
+        "    return card_html(expert_card(baseline, layer, expert, ftri=ftri, tokenizer=tokenizer))\n\n"
+        "HTML(card(int(top.layer), int(top.expert)))"
+    ),
+    new_markdown_cell(
+        "## Linked views\nClick a cell of the fTRI heatmap: the expert is selected in the steering grid and its card opens "
+        "there; the grid's *selection* buttons then disable, force or boost the selected experts, and *Generate* compares "
+        "the result with the baseline. The grid is shaded by the German fTRI difference."
+    ),
+    new_code_cell(
+        "from moelens.widgets import ExpertGrid, linked_heatmap\n\n"
+        "grid = ExpertGrid(model, tokenizer, prompts='Die Option wird ignoriert, wenn', ftri_tables=ftri, card=card)\n"
+        "grid.shading.value = 'fTRI difference: de'\n"
+        "heatmap = linked_heatmap(\n"
+        "    analysis.heatmap(ftri['de'], 'difference', title='fTRI difference: German (de) minus the other domains'),\n"
+        "    lambda layer, expert: grid.state.select([(layer, expert)]),\n"
+        ")\n"
+        "grid.state.select([(int(top.layer), int(top.expert))])  # what a click on that cell does\n"
+        "display(heatmap, grid)"
+    ),
+]
+
+NOTEBOOKS = {"01_quickstart": QUICKSTART, "02_steering": STEERING, "03_specialization": SPECIALIZATION, "04_explorer": EXPLORER}
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Plotly figures for the analysis tables; :func:`write_html` exports them to work offline.
 
 Every figure function takes a result table of :mod:`moelens.analysis` (or a trace, for the token
-view) and returns a ``plotly.graph_objects.Figure``.
+view) and returns a ``plotly.graph_objects.Figure`` in the ``moelens`` template: transparent
+backgrounds and mid-grey text and grid lines, so a figure reads on JupyterLab's light and dark
+themes alike (plotly draws into SVG and cannot follow the page's CSS variables).
 """
 
 from __future__ import annotations
@@ -19,10 +21,41 @@ if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from moelens.store import TraceTables
+    from moelens.store import Trace
 
 # columns whose sign matters get a diverging colour scale centred on 0
 _SIGNED = {"difference", "log_odds", "npmi", "score"}
+# readable on white (4.5:1) and on JupyterLab's dark background (#111, 4.2:1)
+_TEXT_GREY = "#767676"
+_GRID_GREY = "rgba(128, 128, 128, 0.3)"
+
+
+def template() -> go.layout.Template:
+    """The ``moelens`` plotly template (registered in ``plotly.io.templates`` on first use)."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    if "moelens" not in pio.templates:
+        axis = {"gridcolor": _GRID_GREY, "zerolinecolor": _GRID_GREY, "linecolor": _GRID_GREY}
+        pio.templates["moelens"] = go.layout.Template(
+            layout={
+                "paper_bgcolor": "rgba(0, 0, 0, 0)",
+                "plot_bgcolor": "rgba(0, 0, 0, 0)",
+                "font": {"color": _TEXT_GREY},
+                "xaxis": axis,
+                "yaxis": axis,
+                "colorway": _categorical(10),
+            }
+        )
+    return pio.templates["moelens"]
+
+
+def _categorical(count: int) -> list[str]:
+    """``count`` distinct colours for categories (expert ids): plotly's qualitative sets, cycled."""
+    import plotly.colors as colors
+
+    palette = colors.qualitative.Dark24 + colors.qualitative.Light24
+    return [palette[i % len(palette)] for i in range(count)]
 
 
 def heatmap(table: pd.DataFrame, value: str, *, title: str | None = None) -> go.Figure:
@@ -51,7 +84,9 @@ def heatmap(table: pd.DataFrame, value: str, *, title: str | None = None) -> go.
             name=value,
         )
     )
-    figure.update_layout(title=title or f"{value} by layer and expert", xaxis_title="expert", yaxis_title="layer", yaxis_type="category", xaxis_type="category")
+    figure.update_layout(
+        template=template(), title=title or f"{value} by layer and expert", xaxis_title="expert", yaxis_title="layer", yaxis_type="category", xaxis_type="category"
+    )
     return figure
 
 
@@ -62,7 +97,7 @@ def ranked_bars(table: pd.DataFrame, value: str, *, n: int = 20, title: str | No
     top = table.head(n)
     labels = [f"L{layer} E{expert}" for layer, expert in zip(top["layer"], top["expert"])]
     figure = go.Figure(go.Bar(x=top[value], y=labels, orientation="h", name=value))
-    figure.update_layout(title=title or f"top {len(top)} experts by {value}", xaxis_title=value, yaxis={"autorange": "reversed", "type": "category"})
+    figure.update_layout(template=template(), title=title or f"top {len(top)} experts by {value}", xaxis_title=value, yaxis={"autorange": "reversed", "type": "category"})
     return figure
 
 
@@ -80,25 +115,30 @@ def coactivation_matrix(pairs: pd.DataFrame, layer: int, *, num_experts: int | N
     figure = go.Figure(
         go.Heatmap(z=matrix, colorscale="Viridis", name=f"layer {layer}", hovertemplate="experts %{y} & %{x}: %{z}<extra></extra>")
     )
-    figure.update_layout(title=title or f"co-activation, layer {layer}", xaxis_title="expert", yaxis_title="expert")
+    figure.update_layout(template=template(), title=title or f"co-activation, layer {layer}", xaxis_title="expert", yaxis_title="expert")
     return figure
 
 
-def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_line: int = 16, title: str | None = None) -> go.Figure:
-    """A prompt's tokens, each coloured by its top-ranked expert at ``layer``.
+def token_view(trace: Trace, prompt_id: Any, layer: int, *, tokens_per_line: int = 16, title: str | None = None) -> go.Figure:
+    """A prompt's tokens as readable text, each coloured by its first-choice (rank 0) expert at ``layer``.
 
-    Hovering a token shows every MoE layer's experts and weights (if the trace has them) for it. Tokens are laid out
-    ``tokens_per_line`` per row.
+    Colours are categorical (one distinct colour per expert id; no order implied). Tokens show as
+    the text they add (:func:`moelens.widgets.tokens.token_pieces`: no ``Ġ``/``Ċ`` markers; a
+    newline shows as ``↵``). Hovering a token shows every MoE layer's experts and weights (if the
+    trace has them). Tokens are laid out ``tokens_per_line`` per row. For clicking, aligned
+    steered-vs-baseline views and cards, use :class:`moelens.widgets.RoutingExplorer`.
     """
     import numpy as np
     import plotly.graph_objects as go
 
+    from moelens.widgets.tokens import token_pieces
+
     where = f"prompt_id = {literal(prompt_id)}"
-    tokens = query(tables, f"SELECT position, token, token_id FROM tokens WHERE {where} ORDER BY position")
+    tokens = query(trace, f"SELECT position, token, token_id FROM tokens WHERE {where} ORDER BY position")
     if tokens.empty:
         raise ValueError(f"the trace has no tokens for prompt {prompt_id!r}")
     routes = query(
-        tables,
+        trace,
         f"""
         SELECT position, layer, string_agg('e' || expert || coalesce(' ' || printf('%.3f', weight::DOUBLE), ''), ', ' ORDER BY rank) AS experts,
                arg_min(expert, rank) AS top_expert
@@ -110,7 +150,7 @@ def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_li
     )
     top = routes[routes["layer"] == layer].set_index("position")["top_expert"]
     if top.empty:
-        raise ValueError(f"layer {layer} is not a MoE layer of this trace")
+        raise ValueError(f"layer {layer} is not a MoE layer of this trace; its MoE layers are {trace.layers}")
     lines = -(-len(tokens) // tokens_per_line)
     cells = lines * tokens_per_line
     shape = (lines, tokens_per_line)
@@ -121,29 +161,37 @@ def token_view(tables: TraceTables, prompt_id: Any, layer: int, *, tokens_per_li
         return padded.reshape(shape)
 
     positions = tokens["position"].to_numpy()
-    labels = [html.escape(str(t if t is not None else tid)) for t, tid in zip(tokens["token"], tokens["token_id"])]
-    z = grid([float(top.get(p, np.nan)) for p in positions], np.nan).astype(float)
-    texts = [
-        f"position {p} {label!s}<br>{hover.get(p, '')}" for p, label in zip(positions, labels)
-    ]
+    pieces = token_pieces(tokens["token_id"].tolist(), tokens["token"].tolist(), special_ids=trace.special_token_ids)
+    # plotly renders tags (<b>) and decodes &lt; &gt; &amp; in text, but not &quot;: escape those three once
+    labels = [html.escape(piece, quote=False).replace("\n", "↵") for piece in pieces]
+    num_experts = trace.experts
+    scale = []  # stepwise: z in [e, e + 1) gets expert e's colour
+    for expert, colour in enumerate(_categorical(num_experts)):
+        scale += [[expert / num_experts, colour], [(expert + 1) / num_experts, colour]]
+    z = grid([float(top.get(p, np.nan)) + 0.5 for p in positions], np.nan).astype(float)
+    texts = [f"position {p} {label}<br>{hover.get(p, '')}" for p, label in zip(positions, labels)]
     figure = go.Figure(
         go.Heatmap(
             z=z,
+            zmin=0,
+            zmax=num_experts,
             text=grid(labels, ""),
             texttemplate="%{text}",
+            textfont={"size": 13},
             hovertext=grid(texts, ""),
             hoverinfo="text",
-            colorscale="Turbo",
-            colorbar={"title": {"text": f"top expert, layer {layer}"}},
+            colorscale=scale,
+            colorbar={"title": {"text": f"expert, layer {layer}"}, "tickvals": [e + 0.5 for e in range(num_experts)], "ticktext": [str(e) for e in range(num_experts)]},
             xgap=2,
             ygap=2,
             name=f"prompt {prompt_id}",
         )
     )
     figure.update_layout(
-        title=title or f"prompt {prompt_id}: top expert per token at layer {layer}",
-        yaxis={"autorange": "reversed", "showticklabels": False},
-        xaxis={"showticklabels": False},
+        template=template(),
+        title=title or f"prompt {prompt_id}: first-choice expert per token at layer {layer}",
+        yaxis={"autorange": "reversed", "showticklabels": False, "showgrid": False},
+        xaxis={"showticklabels": False, "showgrid": False},
         height=120 + 40 * lines,
     )
     return figure

@@ -1,16 +1,22 @@
 """The steering grid's state: which experts of which layers are disabled, forced or boosted.
 
 Pure Python (no ipywidgets, no torch at import): the notebook view in :mod:`moelens.widgets.view`
-only forwards clicks here and re-renders. The state turns into an ordinary intervention spec
-(:meth:`ExpertGridState.to_spec`) and back (:meth:`ExpertGridState.from_spec`); whether a spec fits
-a model is decided by the project's own binding (:func:`moelens.interventions.apply.bind`), so the
-grid reports exactly the errors ``intervene`` would raise, before anything is generated.
+only forwards clicks here and redraws when the state tells its observers that it changed, so a
+change made from a notebook cell shows as well as a click. The state turns into an ordinary
+intervention spec (:meth:`ExpertGridState.to_spec`) and back (:meth:`ExpertGridState.from_spec`);
+whether a spec fits a model is decided by the project's own binding
+(:func:`moelens.interventions.apply.bind`), so the grid reports exactly the errors ``intervene``
+would raise, before anything is generated. Besides the modes the state holds a selection (the
+cells an expert card or a heatmap click points at) and optional cell scores that shade the grid
+into a heatmap (:class:`CellScores`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +24,7 @@ from moelens.hooks.adapters import input_device
 from moelens.interventions.spec import Disable, Force, Intervention, Reweight, SpecError, disable, force, reweight
 
 if TYPE_CHECKING:
+    import pandas as pd
     from torch import nn
 
     from moelens.tracer import Tracer
@@ -53,28 +60,191 @@ class _Snapshot:
 
 
 @dataclass(frozen=True)
+class ReferenceScore:
+    """The log-probability of a reference continuation after a prompt, under one run's routing.
+
+    ``logprob`` is the sum over the continuation's tokens of ln p(token | prompt, earlier tokens),
+    in nats; ``tokens`` is how many continuation tokens were scored.
+    """
+
+    logprob: float
+    tokens: int
+
+    @property
+    def mean(self) -> float:
+        """Nats per continuation token."""
+        return self.logprob / self.tokens
+
+
+@dataclass(frozen=True)
 class PromptComparison:
     """One prompt generated greedily without and with the grid's intervention.
 
+    ``baseline_pieces`` / ``steered_pieces`` are the generated tokens as text pieces (decoded so
+    that their concatenation is the decoded continuation: no tokenizer markers, whitespace kept).
     ``routing_changed`` is the fraction of routing events (token x MoE layer, matched on position)
     whose expert set differs between the two runs; once the texts diverge, generated positions
-    compare different tokens, which counts as a change too.
+    compare different tokens, which counts as a change too. With a reference continuation,
+    ``baseline_reference`` / ``steered_reference`` are its log-probabilities under each run.
     """
 
     prompt: str
-    baseline: str
-    steered: str
+    baseline_pieces: tuple[str, ...]
+    steered_pieces: tuple[str, ...]
     routing_changed: float
     routing_events: int
     baseline_trace: Tracer = field(repr=False)
     steered_trace: Tracer = field(repr=False)
+    reference: str | None = None
+    baseline_reference: ReferenceScore | None = None
+    steered_reference: ReferenceScore | None = None
+
+    @property
+    def baseline(self) -> str:
+        """The baseline continuation's text."""
+        return "".join(self.baseline_pieces)
+
+    @property
+    def steered(self) -> str:
+        """The steered continuation's text."""
+        return "".join(self.steered_pieces)
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """Reported while :meth:`ExpertGridState.compare` runs: ``pieces`` generated so far by ``run``
+    (``"baseline"`` or ``"steered"``) for prompt ``prompt_index`` (0-based) of ``prompts``."""
+
+    prompt_index: int
+    prompts: int
+    run: Literal["baseline", "steered"]
+    pieces: tuple[str, ...]
+
+
+# the colours at the ends of the shading scales (the other end is white)
+NEGATIVE_END, POSITIVE_END, SEQUENTIAL_END = (33, 102, 172), (178, 24, 43), (8, 48, 107)
+
+
+@dataclass(frozen=True)
+class CellScores:
+    """A score per (layer, expert) that shades the grid, e.g. an fTRI difference, a load share or
+    an nPMI value. ``signed`` scores get a diverging scale centred on 0, the others a sequential one."""
+
+    name: str
+    values: Mapping[tuple[int, int], float]
+    signed: bool
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, value: str, *, name: str | None = None, signed: bool | None = None) -> CellScores:
+        """Scores from an analysis table with one row per (``layer``, ``expert``) and a ``value`` column.
+
+        ``signed`` defaults to whether any value is negative. A table with several rows per cell
+        (e.g. fTRI of several domains, or stats grouped ``by`` a tag) is refused: filter it first.
+        """
+        missing = {"layer", "expert", value} - set(table.columns)
+        if missing:
+            raise ValueError(f"the score table lacks the columns {sorted(missing)}; it has {list(table.columns)}")
+        cells = table[["layer", "expert"]]
+        if cells.duplicated().any():
+            raise ValueError(
+                f"the score table has several rows per (layer, expert) (other columns: "
+                f"{[c for c in table.columns if c not in ('layer', 'expert', value)]}); keep one group, e.g. table[table.domain == 'code']"
+            )
+        values = {
+            (int(layer), int(expert)): float(score)
+            for layer, expert, score in zip(table["layer"], table["expert"], table[value])
+            if not math.isnan(float(score))
+        }
+        if signed is None:
+            signed = any(score < 0 for score in values.values())
+        return cls(name or value, values, signed)
+
+    @property
+    def limit(self) -> float:
+        """The largest absolute score (the end of the colour scale); 0 for no scores."""
+        return max((abs(score) for score in self.values.values()), default=0.0)
+
+    def colour(self, layer: int, expert: int) -> str | None:
+        """The cell's background as a CSS ``rgb(...)``, or ``None`` when the cell has no score.
+
+        Signed scores: blue (negative) through white (0) to red (positive), scaled by :attr:`limit`.
+        Unsigned: white (0) to dark blue (the largest score).
+        """
+        score = self.values.get((layer, expert))
+        if score is None:
+            return None
+        share = abs(score) / self.limit if self.limit else 0.0
+        if not self.signed:
+            end = SEQUENTIAL_END
+        else:
+            end = POSITIVE_END if score >= 0 else NEGATIVE_END
+        red, green, blue = (round(255 + (channel - 255) * share) for channel in end)
+        return f"rgb({red}, {green}, {blue})"
+
+
+def text_colour(background: str) -> str:
+    """Black or white, whichever reads better on an ``rgb(r, g, b)`` background."""
+    red, green, blue = (int(part) for part in background[background.index("(") + 1 : -1].split(","))
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
+
+
+def token_diff(baseline: Sequence[str], steered: Sequence[str]) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """Align two token sequences; per side, each piece with whether it differs from the other side.
+
+    A piece is unchanged when it belongs to a longest matching block (:class:`difflib.SequenceMatcher`
+    without its junk heuristic); inserted, deleted and replaced pieces are marked changed.
+    """
+    matcher = difflib.SequenceMatcher(a=list(baseline), b=list(steered), autojunk=False)
+    same_a, same_b = [False] * len(baseline), [False] * len(steered)
+    for block in matcher.get_matching_blocks():
+        for offset in range(block.size):
+            same_a[block.a + offset] = same_b[block.b + offset] = True
+    return (
+        [(piece, not same) for piece, same in zip(baseline, same_a)],
+        [(piece, not same) for piece, same in zip(steered, same_b)],
+    )
+
+
+class PieceDecoder:
+    """Turns token ids, added one at a time, into text pieces whose concatenation is
+    ``tokenizer.decode(ids, skip_special_tokens=True)``: piece i is what token i adds to the decoded
+    text, so byte-level markers (``Ġ``, ``Ċ``) never show and a character split over several tokens
+    lands on its last token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.pieces: list[str] = []
+
+    def add(self, token_id: int) -> str:
+        """Append a token; returns its piece."""
+        self.token_ids.append(int(token_id))
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if not text.startswith(self.text):  # a tokenizer that rewrites earlier text (clean-up of spaces)
+            text = self.text + self.tokenizer.decode(self.token_ids[-1:], skip_special_tokens=True)
+        piece, self.text = text[len(self.text) :], text
+        self.pieces.append(piece)
+        return piece
+
+
+def decoded_pieces(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, ...]:
+    """``token_ids`` as text pieces (see :class:`PieceDecoder`)."""
+    decoder = PieceDecoder(tokenizer)
+    for token_id in token_ids:
+        decoder.add(token_id)
+    return tuple(decoder.pieces)
+
+
+Observer = Callable[["ExpertGridState"], None]
 
 
 class ExpertGridState:
     """Per (layer, expert) a mode among :data:`MODES` (default ``"on"``) plus shared :class:`Options`.
 
     Every change (``set``, ``toggle``, ``mark``, ``clear``, ``configure``, ``apply_spec``) can be
-    reverted with :meth:`undo`; a change that changes nothing is not recorded.
+    reverted with :meth:`undo`; a change that changes nothing is not recorded. Observers
+    (:meth:`observe`) are called after every change of modes, options, selection or shading.
     """
 
     def __init__(self, layers: Sequence[GridLayer], options: Options = Options()) -> None:
@@ -84,6 +254,19 @@ class ExpertGridState:
         self._modes: dict[tuple[int, int], Mode] = {}  # only cells that are not "on"
         self._options = _checked(options)
         self._history: list[_Snapshot] = []
+        self._observers: list[Observer] = []
+        self._selection: tuple[tuple[int, int], ...] = ()
+        self._shading: CellScores | None = None
+
+    # --- observing ------------------------------------------------------------------------------
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Call ``observer(state)`` after every change; returns a function that stops the calls."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def _notify(self) -> None:
+        for observer in list(self._observers):
+            observer(self)
 
     @classmethod
     def from_model(cls, model: nn.Module, options: Options = Options()) -> ExpertGridState:
@@ -144,6 +327,16 @@ class ExpertGridState:
             return str(error)
         return None
 
+    @property
+    def selection(self) -> tuple[tuple[int, int], ...]:
+        """The selected (layer, expert) cells, in the order they were selected."""
+        return self._selection
+
+    @property
+    def shading(self) -> CellScores | None:
+        """The scores shading the grid, or ``None``."""
+        return self._shading
+
     def summary(self) -> str:
         """One line, e.g. ``disabled L1: 5, 9 | boosted x4 L3: 0 | scope all, reroute``."""
         if not self._modes:
@@ -187,6 +380,35 @@ class ExpertGridState:
                 modes[cell] = mode
         self._change(modes, self._options)
 
+    def select(self, cells: Iterable[tuple[int, int]], *, add: bool = False) -> None:
+        """Select cells (replacing the selection, or adding to it with ``add``). Not an undo step:
+        the selection is where the user looks, not a steering change."""
+        chosen = [(int(layer), int(expert)) for layer, expert in cells]
+        for cell in chosen:
+            self._check_cell(*cell)
+        selection = tuple(dict.fromkeys([*self._selection, *chosen] if add else chosen))
+        if selection != self._selection:
+            self._selection = selection
+            self._notify()
+
+    def mark_selection(self, mode: Mode) -> None:
+        """Put every selected cell in ``mode`` (one undo step), e.g. heatmap picks sent to the grid."""
+        if not self._selection:
+            raise ValueError("nothing is selected: click experts in the grid or a heatmap first")
+        chosen: dict[int, list[int]] = {}
+        for layer, expert in self._selection:
+            chosen.setdefault(layer, []).append(expert)
+        self.mark(chosen, mode)
+
+    def shade(self, scores: CellScores | None) -> None:
+        """Shade the grid by ``scores`` (``None`` removes the shading). Cells outside the grid are refused."""
+        if scores is not None:
+            for cell in scores.values:
+                self._check_cell(*cell)
+        if scores != self._shading:
+            self._shading = scores
+            self._notify()
+
     def clear(self) -> None:
         """Every cell back to ``"on"`` (the options stay)."""
         self._change({}, self._options)
@@ -214,13 +436,13 @@ class ExpertGridState:
             mode = kinds.get(type(part))
             if mode is None:
                 raise ValueError(f"the grid shows disable, force and reweight only; this spec has a {part.kind!r} part")
-            if getattr(part, "renormalize", False):
+            if getattr(part, "renormalize", False) or getattr(getattr(part, "mode", None), "renormalize", False):
                 raise ValueError(f"the grid does not show renormalised {part.kind}; apply that spec with intervene() directly")
             if part.tokens not in SCOPES:
                 raise ValueError(f"the grid steers {', '.join(SCOPES)} tokens; this {part.kind} applies to positions {part.tokens}")
             found["scope"].add(part.tokens)
             if isinstance(part, Disable):
-                found["disable_mode"].add(part.mode)
+                found["disable_mode"].add(part.mode.name)
             if isinstance(part, Reweight):
                 found["boost_factor"].add(part.factor)
             for layer, experts in part.experts.items():
@@ -239,6 +461,7 @@ class ExpertGridState:
             return False
         snapshot = self._history.pop()
         self._modes, self._options = snapshot.modes, snapshot.options
+        self._notify()
         return True
 
     def _change(self, modes: dict[tuple[int, int], Mode], options: Options) -> None:
@@ -246,6 +469,7 @@ class ExpertGridState:
             return
         self._history.append(_Snapshot(self._modes, self._options))
         self._modes, self._options = dict(modes), options
+        self._notify()
 
     def _check_cell(self, layer: int, expert: int) -> None:
         grid_layer = self.layers.get(layer)
@@ -255,39 +479,109 @@ class ExpertGridState:
             raise ValueError(f"expert {expert} is out of range in layer {layer}: experts are 0-{grid_layer.num_experts - 1}")
 
     # --- running --------------------------------------------------------------------------------
-    def compare(self, model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16) -> list[PromptComparison]:
+    def compare(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        max_new_tokens: int = 16,
+        *,
+        references: Sequence[str | None] | None = None,
+        on_progress: Callable[[GenerationProgress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[PromptComparison]:
         """Generate each prompt greedily without and with :meth:`to_spec`, tracing both runs.
 
         Validates first (raises :class:`SpecError` before generating anything). Prompts run one
         at a time, so no padding enters either run.
+
+        Args:
+            references: per prompt, a continuation (or ``None``) whose log-probability is scored
+                under both runs with :func:`moelens.evaluation.continuation_logprob`; its tokens
+                count as generated tokens, so a ``"generated"`` scope steers exactly them.
+            on_progress: called with every new token of either run (for streaming views).
+            cancelled: polled before each prompt and after each generated token; once it returns
+                ``True`` the comparisons finished so far are returned (the interrupted prompt is
+                left out).
         """
         import torch
 
         import moelens
         from moelens.analysis import routing_stability
+        from moelens.evaluation import continuation_logprob
 
+        if references is not None and len(references) != len(prompts):
+            raise ValueError(f"{len(references)} references for {len(prompts)} prompts: give one per prompt (None to skip one)")
         self.validate(model)
         spec = self.to_spec()
         device = input_device(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        stop = cancelled or (lambda: False)
 
-        def generate(batch: Mapping[str, torch.Tensor]) -> tuple[str, Tracer]:
+        def generate(index: int, run: Literal["baseline", "steered"], batch: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], Tracer] | None:
+            streamer = _PieceStreamer(tokenizer, lambda pieces: on_progress and on_progress(GenerationProgress(index, len(prompts), run, pieces)))
             with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as tracer:
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new_tokens = output[0, batch["input_ids"].shape[1] :]
-            return tokenizer.decode(new_tokens, skip_special_tokens=True), tracer
+                output = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                    streamer=streamer, stopping_criteria=_stopping_when(stop),
+                )
+            if stop():
+                return None
+            return decoded_pieces(tokenizer, output[0, batch["input_ids"].shape[1] :].tolist()), tracer
 
-        results = []
-        for prompt in prompts:
+        results: list[PromptComparison] = []
+        for index, prompt in enumerate(prompts):
+            if stop():
+                break
+            reference = references[index] if references is not None else None
             batch = tokenizer([prompt], return_tensors="pt").to(device)
-            baseline, baseline_trace = generate(batch)
+            baseline = generate(index, "baseline", batch)
+            baseline_score = continuation_logprob(model, tokenizer, prompt, reference) if reference else None
             with moelens.intervene(model, spec):
-                steered, steered_trace = generate(batch)
-            stability = routing_stability(baseline_trace, steered_trace)
+                steered = generate(index, "steered", batch) if baseline else None
+                steered_score = continuation_logprob(model, tokenizer, prompt, reference) if reference and steered else None
+            if baseline is None or steered is None:
+                break
+            stability = routing_stability(baseline[1], steered[1])
             events = int(stability["tokens"].sum())
             changed = float(stability["changed"].sum()) / events if events else 0.0
-            results.append(PromptComparison(prompt, baseline, steered, changed, events, baseline_trace, steered_trace))
+            scores = [ReferenceScore(*score) if score else None for score in (baseline_score, steered_score)]
+            results.append(PromptComparison(prompt, baseline[0], steered[0], changed, events, baseline[1], steered[1], reference, *scores))
         return results
+
+
+class _PieceStreamer:
+    """A transformers streamer (``put``/``end``) that reports the decoded pieces generated so far.
+
+    ``generate`` first puts the prompt, then each new token; only the new tokens are kept.
+    """
+
+    def __init__(self, tokenizer: Any, report: Callable[[tuple[str, ...]], object]) -> None:
+        self.decoder, self.report = PieceDecoder(tokenizer), report
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.decoder.add(token_id)
+        self.report(tuple(self.decoder.pieces))
+
+    def end(self) -> None:
+        pass
+
+
+def _stopping_when(stop: Callable[[], bool]) -> Any:
+    """A stopping criterion that ends every row of a generation once ``stop()`` is true."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
 
 
 def _checked_mode(mode: str) -> Mode:
