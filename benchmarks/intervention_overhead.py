@@ -46,6 +46,8 @@ def _interleaved(run, spec, model, repeats: int) -> tuple[float, float]:
 
 
 def measure(name: str, model, batch, repeats: int, new_tokens: int) -> None:
+    """Print the median forward and generate(new_tokens) times of ``batch`` with and without a disable + reweight
+    spec (interleaved runs, ``repeats`` each) and the cost of entering and leaving the block."""
     spec = _spec(model)
     pad = model.config.pad_token_id or 0
 
@@ -73,6 +75,7 @@ def measure(name: str, model, batch, repeats: int, new_tokens: int) -> None:
 
 
 def measure_contrast(model, tokenizer, prompts, repeats: int, new_tokens: int) -> None:
+    """Print SCMoE decoding's time per generated token relative to plain greedy generation of ``prompts``."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
 
     def greedy():
@@ -88,6 +91,7 @@ def measure_contrast(model, tokenizer, prompts, repeats: int, new_tokens: int) -
 
 
 def main() -> None:
+    """Print the overhead of interventions and of SCMoE decoding on the benchmark model."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")

@@ -103,6 +103,7 @@ def _best_us(fn: Callable[[], object], budget_s: float = 0.07, repeats: int = 7)
 
 
 def main() -> None:
+    """Print router vs naive vs route (and route with a disable mask) times per family, E and T."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # One intra-op thread by default: on a shared machine, multi-threaded timings of these small ops are noise.
     parser.add_argument("--threads", type=int, default=1)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
+from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, top_p_cap
 
 NEG_INF = float("-inf")
 
@@ -65,31 +65,34 @@ def _route_all_tokens(
     # 4. Select slots in descending choice order; -inf means "no eligible expert left": an empty slot.
     force = c.force if c.force is not None else torch.zeros(num_experts, dtype=torch.bool, device=x.device)
     forced_ids = force.nonzero().flatten()
-    if c.rank is not None:
-        n_pick = c.rank
-    elif c.top_p is not None:
-        n_pick = top_p_cap(c, num_experts)
+    select = c.select
+    rank = select.rank if isinstance(select, RankSelect) else None
+    top_p = select if isinstance(select, TopPSelect) else None
+    if rank is not None:
+        n_pick = rank
+    elif top_p is not None:
+        n_pick = top_p_cap(top_p, num_experts)
     else:
         n_pick = rule.top_k - len(forced_ids)
     top_values, indices = torch.topk(choice.masked_fill(force, NEG_INF), n_pick, dim=-1)  # [T, n_pick]
     indices = indices.masked_fill(top_values == NEG_INF, num_experts)
 
-    if c.rank is not None:
-        indices = indices[:, c.rank - 1 :]  # [T, 1]
-    elif c.top_p is not None:
+    if rank is not None:
+        indices = indices[:, rank - 1 :]  # [T, 1]
+    elif top_p is not None:
         eligible_scores = full_scores.masked_fill(choice == NEG_INF, 0.0)
         normalized = eligible_scores / eligible_scores.sum(dim=-1, keepdim=True)
         mass = _gather(normalized, indices, 0.0).cumsum(dim=-1)
         mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
         # keep up to the first crossing of p; p = 1 keeps every slot (a float sum may pass 1 by rounding)
-        indices = indices.masked_fill((mass_before > c.top_p) & (c.top_p < 1.0), num_experts)
+        indices = indices.masked_fill((mass_before > top_p.p) & (top_p.p < 1.0), num_experts)
     elif len(forced_ids):
         order = forced_order_key[:, forced_ids].argsort(dim=-1, descending=True, stable=True)
         indices = torch.cat([indices, forced_ids[order]], dim=-1)  # forced experts take the last slots
     empty = indices == num_experts
 
     # 5. Weights of the selected experts.
-    if c.rank is not None:
+    if rank is not None:
         weights = (~empty).float() * rule.scaling  # one expert at the family's full scale
     else:
         if rule.select_before_score:
@@ -101,11 +104,11 @@ def _route_all_tokens(
             weights = weights.masked_fill(empty, 0.0)
         else:
             weights = _gather(full_scores, indices, 0.0)
-        if c.top_p is not None and rule.score == "sigmoid":
+        if top_p is not None and rule.score == "sigmoid":
             # sigmoid scores are not probabilities: under top-p a weight is the expert's share of the
             # eligible score mass (what the prefix was measured in), on the family's scale
             weights = weights / full_scores.masked_fill(choice == NEG_INF, 0.0).sum(dim=-1, keepdim=True)
-        renormalize = c.top_p_renormalize if c.top_p is not None else rule.renormalize
+        renormalize = top_p.renormalize if top_p is not None else rule.renormalize
         if renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * rule.scaling
@@ -113,14 +116,14 @@ def _route_all_tokens(
     # 6. Intervene on the weights.
     if c.multiplier is not None:
         total = weights.sum(dim=-1, keepdim=True)
-        weights = weights * _gather(c.multiplier.float()[None].expand(num_tokens, -1), indices, 1.0)
-        if c.multiplier_renormalize:
+        weights = weights * _gather(c.multiplier.factors.float()[None].expand(num_tokens, -1), indices, 1.0)
+        if c.multiplier.renormalize:
             weights = weights * _ratio(total, weights.sum(dim=-1, keepdim=True))
     if c.drop is not None:
         total = weights.sum(dim=-1, keepdim=True)
-        dropped = _gather(c.drop[None].expand(num_tokens, -1), indices, False)
+        dropped = _gather(c.drop.experts[None].expand(num_tokens, -1), indices, False)
         weights = weights.masked_fill(dropped, 0.0)
-        if c.drop_renormalize:
+        if c.drop.renormalize:
             weights = weights * _ratio(total, weights.sum(dim=-1, keepdim=True))
     return weights, indices
 

@@ -5,11 +5,12 @@ Pipeline (per token):
            -> scores: softmax | sigmoid over all experts      (skipped by select_before_score rules)
            -> choice = scores (+ correction_bias)             (select_before_score rules: logits (+ correction_bias))
            -> group-limited selection (n_group > 1): experts outside the best topk_group groups leave the choice
-           -> select: top-k | top-p prefix | the rank-r expert; forced experts take the last slots
+           -> select (controls.select): TopKSelect (forced experts take the last slots) | TopPSelect prefix
+              | RankSelect: the rank-r expert
            -> weights: gather scores (select_before_score: score function over the selected logits only)
-           -> renormalise -> scale
-           -> (* multiplier, optionally back to the pre-multiplication total)
-           -> (dropped experts -> 0, optionally back to the pre-drop total)
+           -> renormalise (rule.renormalize; TopPSelect.renormalize under top-p) -> scale
+           -> (* MultiplyWeights.factors, optionally back to the pre-multiplication total)
+           -> (DropWeights.experts -> 0, optionally back to the pre-drop total)
 
 An expert is *eligible* when its choice score is finite: disabled experts and experts of unselected groups
 are not. A slot with no eligible expert left is empty: it holds index E (the sentinel transformers' experts
@@ -48,48 +49,109 @@ class RoutingRule:
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensor fields make generated __eq__ ambiguous
-class RoutingControls:
-    """Per-layer intervention vectors, all optional; one launch covers any combination.
+class TopKSelect:
+    """Select the rule's top_k experts per token (the family's own selection).
 
-    Vectors are [E] on the logits' device. `force` cannot be combined with `top_p` or `rank`.
-    Treat the tensors as immutable: their values are validated, and turned into what the routing passes
-    consume, once per object (per expert count and top_k).
+    force: [E] bool or None: experts put into every token's selected set, in the last slots, at most top_k of them
+    (ordered among themselves by descending choice score, bypassing group limits).
+    """
+
+    force: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TopPSelect:
+    """Select per token the smallest choice-ordered prefix whose normalised-score mass exceeds ``p`` (Dynamic-MoE).
+
+    p: in (0, 1]; 1 keeps every eligible expert. max_k: cap on the prefix length in [1, E]; None = no cap (every
+    expert, as in the paper). Weights are softmax probabilities or, for sigmoid rules, each expert's share of the
+    eligible sigmoid mass. renormalize: replaces rule.renormalize for these tokens (False: raw probabilities, the
+    paper's).
+    """
+
+    p: float
+    max_k: int | None = None
+    renormalize: bool = False
+
+
+@dataclass(frozen=True)
+class RankSelect:
+    """Select only each token's rank-``rank`` expert (1-based, in choice order; SCMoE's weak pass); its weight is
+    rule.scaling (1.0 for most families)."""
+
+    rank: int
+
+
+Selection = TopKSelect | TopPSelect | RankSelect
+TOP_K = TopKSelect()  # the default selection: the family's own top-k, nothing forced
+
+
+@dataclass(frozen=True, eq=False)
+class MultiplyWeights:
+    """Multiply the selected experts' weights (RICE): ``factors`` [E] float, finite and > 0.
+
+    renormalize: rescale each token's weights back to their pre-multiplication total.
+    """
+
+    factors: Tensor
+    renormalize: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class DropWeights:
+    """Zero the weights of selected experts after selection: ``experts`` [E] bool (still chosen, contribute nothing).
+
+    renormalize: rescale the remaining weights to the token's pre-drop total (MoTE's switch-off); False loses the
+    dropped weight (the super-experts experiment).
+    """
+
+    experts: Tensor
+    renormalize: bool = False
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensor fields make generated __eq__ ambiguous
+class RoutingControls:
+    """Per-layer intervention vectors; one launch covers any combination.
+
+    Every part is optional, and each renormalisation belongs to the part it undoes, so no combination of fields is
+    contradictory: forcing exists only within top-k selection, top-p and rank are alternative selections.
+    Vectors are [E] on the logits' device. Treat the tensors as immutable: their values are validated, and turned
+    into what the routing passes consume, once per object (per expert count and top_k).
     """
 
     logit_bias: Tensor | None = None  # [E] float, added to the logits
     disable: Tensor | None = None  # [E] bool, reroute: excluded from choice, the next-best expert takes the slot
-    force: Tensor | None = None  # [E] bool, in the selected set, in the last slots; at most top_k
-    drop: Tensor | None = None  # [E] bool, still chosen, weight 0 after selection
-    drop_renormalize: bool = False  # rescale the remaining weights to the pre-drop total (MoTE switch-off)
-    multiplier: Tensor | None = None  # [E] float > 0, multiplies the selected weights (RICE)
-    multiplier_renormalize: bool = False  # rescale to the pre-multiplication total
-    top_p: float | None = None  # smallest choice-ordered prefix whose normalised-score mass exceeds p; weights:
-    # softmax probabilities, or for sigmoid rules each expert's share of the eligible sigmoid mass
-    top_p_max_k: int | None = None  # cap on the prefix length; None = no cap (all experts), as in the paper
-    top_p_renormalize: bool = False  # replaces rule.renormalize under top_p (Dynamic-MoE: raw probabilities)
-    rank: int | None = None  # 1-based: only the rank-r expert, weight rule.scaling (1.0 for most families; SCMoE weak pass)
+    select: Selection = TOP_K  # how slots are filled: TopKSelect (+ forced experts), TopPSelect or RankSelect
+    multiplier: MultiplyWeights | None = None  # applied to the selected weights first
+    drop: DropWeights | None = None  # then dropped experts' weights are zeroed
     token_mask: Tensor | None = None  # [T] bool, tokens the controls apply to; others routed as with no controls
+
+    @property
+    def force(self) -> Tensor | None:
+        """[E] bool forced experts, or None (forcing exists only under top-k selection)."""
+        return self.select.force if isinstance(self.select, TopKSelect) else None
 
 
 def num_slots(rule: RoutingRule, controls: RoutingControls | None, num_experts: int) -> int:
-    """K, the width of `route`'s outputs: top_k, the top-p cap under top_p, 1 under rank.
+    """K, the width of `route`'s outputs: top_k; the top-p cap (``max_k``, else E) under TopPSelect; 1 under RankSelect.
 
     With a token_mask the unmasked tokens still need top_k slots, so K is at least top_k there.
     """
     if controls is None:
         return rule.top_k
-    if controls.rank is not None:
+    select = controls.select
+    if isinstance(select, RankSelect):
         k = 1
-    elif controls.top_p is not None:
-        k = top_p_cap(controls, num_experts)
+    elif isinstance(select, TopPSelect):
+        k = top_p_cap(select, num_experts)
     else:
         k = rule.top_k
     return max(k, rule.top_k) if controls.token_mask is not None else k
 
 
-def top_p_cap(controls: RoutingControls, num_experts: int) -> int:
-    """The most experts a top-p prefix may hold: ``top_p_max_k``, or every expert when it is None."""
-    return controls.top_p_max_k or num_experts
+def top_p_cap(select: TopPSelect, num_experts: int) -> int:
+    """The most experts a top-p prefix may hold: ``select.max_k``, or every expert (E) when it is None."""
+    return select.max_k or num_experts
 
 
 def route(
@@ -158,10 +220,13 @@ def validate(
     if controls is None:
         return
     c = controls
-    for name in ("logit_bias", "multiplier"):
-        _check_vector(name, getattr(c, name), num_experts, logits.device, float)
-    for name in ("disable", "force", "drop"):
-        _check_vector(name, getattr(c, name), num_experts, logits.device, bool)
+    _check_part("select", c.select, (TopKSelect, TopPSelect, RankSelect))
+    _check_part("multiplier", c.multiplier, (MultiplyWeights,))
+    _check_part("drop", c.drop, (DropWeights,))
+    _check_vector("logit_bias", c.logit_bias, num_experts, logits.device, float)
+    _check_vector("multiplier", c.multiplier.factors if c.multiplier is not None else None, num_experts, logits.device, float)
+    for name, mask in (("disable", c.disable), ("force", c.force), ("drop", c.drop.experts if c.drop is not None else None)):
+        _check_vector(name, mask, num_experts, logits.device, bool)
     _check_vector("token_mask", c.token_mask, num_tokens, logits.device, bool)
     if _validated.get(c) == (num_experts, rule.top_k):
         return  # the value checks below read the tensors (a sync each on GPU): once per controls object
@@ -187,25 +252,36 @@ def _validate_control_values(c: RoutingControls, rule: RoutingRule, num_experts:
         if c.disable is not None and bool((c.force & c.disable).any()):
             both = (c.force & c.disable).nonzero().flatten().tolist()
             raise ValueError(f"experts {both} are both forced and disabled; choose one of the two for each")
-        if c.top_p is not None or c.rank is not None:
-            raise ValueError("force cannot be combined with top_p or rank (their slot counts are per token)")
     if c.multiplier is not None:
-        bad = ~(c.multiplier > 0) | ~torch.isfinite(c.multiplier)
+        factors = c.multiplier.factors
+        bad = ~(factors > 0) | ~torch.isfinite(factors)
         if bool(bad.any()):
             ids = bad.nonzero().flatten().tolist()
             raise ValueError(
-                f"multiplier must be finite and > 0, got {c.multiplier[bad].tolist()} for experts {ids}; "
+                f"multiplier must be finite and > 0, got {factors[bad].tolist()} for experts {ids}; "
                 "use drop to zero an expert's weight"
             )
-    if c.top_p is not None and not 0.0 < c.top_p <= 1.0:
-        raise ValueError(f"top_p={c.top_p} is outside (0, 1]")
-    if c.top_p_max_k is not None and not 1 <= c.top_p_max_k <= num_experts:
-        raise ValueError(f"top_p_max_k={c.top_p_max_k} is outside [1, {num_experts}] (the number of experts)")
-    if c.rank is not None:
-        if c.top_p is not None:
-            raise ValueError("rank and top_p are alternative selections; set only one")
-        if not 1 <= c.rank <= num_experts:
-            raise ValueError(f"rank={c.rank} is outside [1, {num_experts}] (1-based, at most the number of experts)")
+    select = c.select
+    if isinstance(select, TopPSelect):
+        if not 0.0 < select.p <= 1.0:
+            raise ValueError(f"TopPSelect p={select.p} is outside (0, 1]")
+        if select.max_k is not None and not 1 <= select.max_k <= num_experts:
+            raise ValueError(f"TopPSelect max_k={select.max_k} is outside [1, {num_experts}] (the number of experts)")
+    elif isinstance(select, RankSelect) and not 1 <= select.rank <= num_experts:
+        raise ValueError(
+            f"RankSelect rank={select.rank} is outside [1, {num_experts}] (1-based, at most the number of experts)"
+        )
+
+
+def _check_part(name: str, value: object, kinds: tuple[type, ...]) -> None:
+    """Refuse a field holding something other than its variant types (e.g. a bare tensor for ``drop``)."""
+    if value is None and name != "select":
+        return
+    if not isinstance(value, kinds):
+        names = " | ".join(k.__name__ for k in kinds) + ("" if name == "select" else " | None")
+        raise TypeError(f"controls.{name} must be {names}, got {type(value).__name__}; e.g. "
+                        + {"select": "TopPSelect(0.9)", "multiplier": "MultiplyWeights(factors)",
+                           "drop": "DropWeights(mask, renormalize=True)"}[name])
 
 
 def _validate_rule(rule: RoutingRule, num_experts: int) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
+from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, top_p_cap
 
 NEG_INF = float("-inf")
 _NO_CONTROLS = RoutingControls()
@@ -37,7 +37,9 @@ class _Prepared:
     force_ids: Tensor | None = None  # [F] int64
     forced_inf: Tensor | None = None  # [E] float: 0, -inf for forced experts (they leave the free choice)
     multiplier: Tensor | None = None  # [E + 1] float
+    multiplier_restores: bool = False  # rescale to the pre-multiplication total
     keep: Tensor | None = None  # [E + 1] float: 0 for dropped experts, else 1
+    keep_restores: bool = False  # rescale to the pre-drop total
 
 
 _PLAIN = _Prepared()
@@ -59,8 +61,10 @@ def _prepare(c: RoutingControls) -> _Prepared:
         n_disabled=int(c.disable.sum()) if c.disable is not None else 0,
         force_ids=c.force.nonzero().flatten() if c.force is not None else None,
         forced_inf=_neg_inf_where(c.force),
-        multiplier=_with_sentinel(c.multiplier.float()) if c.multiplier is not None else None,
-        keep=_with_sentinel((~c.drop).float()) if c.drop is not None else None,
+        multiplier=_with_sentinel(c.multiplier.factors.float()) if c.multiplier is not None else None,
+        multiplier_restores=c.multiplier is not None and c.multiplier.renormalize,
+        keep=_with_sentinel((~c.drop.experts).float()) if c.drop is not None else None,
+        keep_restores=c.drop is not None and c.drop.renormalize,
     )
     _prepared[c] = prep
     return prep
@@ -117,10 +121,12 @@ def _route(
     # Selection: [T, n_pick] in descending choice order. Without selection controls no slot can be empty.
     force_ids = prep.force_ids
     n_forced = len(force_ids) if force_ids is not None else 0
-    if c.rank is not None:
-        n_pick = c.rank
-    elif c.top_p is not None:
-        n_pick = top_p_cap(c, num_experts)
+    rank = c.select.rank if isinstance(c.select, RankSelect) else None
+    top_p = c.select if isinstance(c.select, TopPSelect) else None
+    if rank is not None:
+        n_pick = rank
+    elif top_p is not None:
+        n_pick = top_p_cap(top_p, num_experts)
     else:
         n_pick = rule.top_k - n_forced
     values, indices = _topk(choice if force_ids is None else choice + prep.forced_inf, n_pick)
@@ -131,15 +137,15 @@ def _route(
     may_be_empty = n_pick > surely_eligible
     if may_be_empty:
         indices.masked_fill_(values == NEG_INF, num_experts)
-    if c.rank is not None:
-        indices = indices[:, c.rank - 1 :]  # [T, 1]
-        return _reweigh((indices != num_experts).float() * rule.scaling, indices, c, prep), indices
+    if rank is not None:
+        indices = indices[:, rank - 1 :]  # [T, 1]
+        return _reweigh((indices != num_experts).float() * rule.scaling, indices, prep), indices
 
     # [T, K] selected logits, -inf in empty slots (with a choice bias: the raw logits, gathered)
     picked = (values if correction_bias is None else _gathered(x, indices)) if monotone else None
     eligible_mass = None
-    if c.top_p is not None:
-        cut, eligible_mass = _beyond_top_p(x, scores, choice, indices, rule, c.top_p)
+    if top_p is not None:
+        cut, eligible_mass = _beyond_top_p(x, scores, choice, indices, rule, top_p.p)
         indices.masked_fill_(cut, num_experts)
         picked = picked.masked_fill(cut, NEG_INF) if monotone else None
     elif force_ids is not None and len(force_ids):
@@ -150,9 +156,9 @@ def _route(
             forced = force_ids[order]
         indices = torch.cat([indices, forced], dim=-1)  # forced experts take the last slots
         picked = torch.cat([picked, x.gather(1, forced)], dim=-1) if monotone else None
-    renormalize = c.top_p_renormalize if c.top_p is not None else rule.renormalize
+    renormalize = top_p.renormalize if top_p is not None else rule.renormalize
     if picked is None:
-        if may_be_empty or c.top_p is not None:
+        if may_be_empty or top_p is not None:
             weights = scores.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, 0.0)
         else:
             weights = scores.gather(1, indices)
@@ -169,7 +175,7 @@ def _route(
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     if rule.scaling != 1.0:
         weights *= rule.scaling
-    return _reweigh(weights, indices, c, prep), indices
+    return _reweigh(weights, indices, prep), indices
 
 
 def _topk(t: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -235,9 +241,9 @@ def _beyond_top_p(
     return (mass_before > p) & (p < 1.0), eligible_mass  # p = 1 keeps every slot, whatever the rounding
 
 
-def _reweigh(weights: Tensor, indices: Tensor, c: RoutingControls, prep: _Prepared) -> Tensor:
+def _reweigh(weights: Tensor, indices: Tensor, prep: _Prepared) -> Tensor:
     """Apply multiplier, then drop, each optionally restoring the per-token total."""
-    for factors, restore_total in ((prep.multiplier, c.multiplier_renormalize), (prep.keep, c.drop_renormalize)):
+    for factors, restore_total in ((prep.multiplier, prep.multiplier_restores), (prep.keep, prep.keep_restores)):
         if factors is None:
             continue
         total = weights.sum(dim=-1, keepdim=True) if restore_total else None

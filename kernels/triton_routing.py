@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .routing import RoutingControls, RoutingRule, num_slots, top_p_cap
+from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, top_p_cap
 
 MODE_TOP_K: tl.constexpr = tl.constexpr(0)
 MODE_TOP_P: tl.constexpr = tl.constexpr(1)
@@ -226,26 +226,30 @@ def route_triton(
         return weights, indices
     block_e = triton.next_power_of_2(num_experts)
     block_t = block_t or max(1, min(triton.next_power_of_2(num_tokens), TILE_ELEMENTS // block_e))
-    if c.rank is not None:
-        mode, slots_on = MODE_RANK.value, 1
-    elif c.top_p is not None:
-        mode, slots_on = MODE_TOP_P.value, top_p_cap(c, num_experts)
+    select, multiplier, drop = c.select, c.multiplier, c.drop
+    rank, top_p, renormalize_on = 1, 1.0, rule.renormalize
+    if isinstance(select, RankSelect):
+        mode, slots_on, rank = MODE_RANK.value, 1, select.rank
+    elif isinstance(select, TopPSelect):
+        mode, slots_on = MODE_TOP_P.value, top_p_cap(select, num_experts)
+        top_p, renormalize_on = select.p, select.renormalize
     else:
         mode, slots_on = MODE_TOP_K.value, rule.top_k
     _routing_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits, logits.stride(0),
-        _floats(correction_bias), _floats(c.logit_bias), _floats(c.multiplier),
-        _bytes(c.disable), _bytes(c.force), _bytes(c.drop),
+        _floats(correction_bias), _floats(c.logit_bias), _floats(multiplier.factors if multiplier else None),
+        _bytes(c.disable), _bytes(c.force), _bytes(drop.experts if drop else None),
         _bytes(c.token_mask),
         weights, indices,
         num_tokens, num_experts, rule.top_k, int(c.force.sum()) if c.force is not None else 0,
-        slots_on, c.rank or 1, float(rule.scaling), float(c.top_p or 1.0),
+        slots_on, rank, float(rule.scaling), float(top_p),
         SOFTMAX=rule.score == "softmax", SELECT_BEFORE_SCORE=rule.select_before_score,
         RENORMALIZE=rule.renormalize,
-        RENORMALIZE_ON=c.top_p_renormalize if c.top_p is not None else rule.renormalize,
+        RENORMALIZE_ON=renormalize_on,
         N_GROUP=rule.n_group, GROUP_SIZE=num_experts // rule.n_group, TOPK_GROUP=rule.topk_group,
         GROUP_TOP2=rule.group_score == "top2_sum",
-        MODE=mode, MULTIPLIER_RENORMALIZE=c.multiplier_renormalize, DROP_RENORMALIZE=c.drop_renormalize,
+        MODE=mode, MULTIPLIER_RENORMALIZE=bool(multiplier and multiplier.renormalize),
+        DROP_RENORMALIZE=bool(drop and drop.renormalize),
         K_OUT=k_out, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k_out),
         BLOCK_G=triton.next_power_of_2(rule.n_group),
     )

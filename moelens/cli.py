@@ -52,10 +52,10 @@ def _layer_list(text: str) -> list[int]:
 
 
 _ZOO_SCRIPTS = {
-    "build-corpus": "build the multi-domain training corpus of moelens-tiny (module moelens.zoo.corpus)",
-    "train-tiny": "train moelens-tiny on a corpus built by build-corpus (module moelens.zoo.train)",
-    "probes": "write the probe sets in data/probes (module moelens.zoo.probes)",
-    "evidence": "measure moelens-tiny's specialization: NMI, targeted vs random ablation (module moelens.zoo.evidence)",
+    "build-corpus": "build the multi-domain training corpus of moelens-tiny (module moelens.training.corpus)",
+    "train-tiny": "train moelens-tiny on a corpus built by build-corpus (module moelens.training.train)",
+    "probes": "write the probe sets in data/probes (module moelens.training.probes)",
+    "evidence": "measure moelens-tiny's specialization: NMI, targeted vs random ablation (module moelens.training.evidence)",
 }
 _ZOO_MODULES = {"build-corpus": "corpus", "train-tiny": "train", "probes": "probes", "evidence": "evidence"}
 
@@ -238,7 +238,7 @@ def _zoo(args: argparse.Namespace) -> int:
 def _run_zoo_script(name: str, script_args: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(f"moelens.zoo.{_ZOO_MODULES[name]}")
+    module = importlib.import_module(f"moelens.training.{_ZOO_MODULES[name]}")
     return int(module.main(script_args) or 0)
 
 

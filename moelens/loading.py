@@ -107,11 +107,9 @@ def load(
     Raises:
         ModelNotFoundError: the name is not a zoo model, not a checkpoint directory, or a hub id
             that is neither in the local Hugging Face cache nor reachable.
-        moelens.hooks.adapters.UnsupportedModelError: the model has no MoE layers moelens can
+        moelens.errors.UnsupportedModelError: the model has no MoE layers moelens can
             read (the message says what was found instead).
     """
-    import torch
-
     from moelens.hooks.adapters import moe_layers
 
     torch_dtype = _torch_dtype(dtype)

@@ -122,7 +122,7 @@ class Lab:
         target.screenshot(path=str(path))
         return path
 
-    def colours(self, selector: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def colors(self, selector: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(background, text) colours of the first element matching ``selector``, as computed by the browser."""
         values = self.page.eval_on_selector(selector, "e => [getComputedStyle(e).backgroundColor, getComputedStyle(e).color]")
         return tuple(tuple(int(float(v)) for v in value[value.index("(") + 1 : -1].split(",")[:3]) for value in values)
@@ -200,10 +200,10 @@ def test_steering_grid_paints_generates_and_steers_only_generated_tokens(lab):
     cells = grid.locator(".moelens-cell")
     assert cells.count() > 16
     lab.execute("grid.state.clear()")  # a change from code redraws the grid
-    on_background, _ = lab.colours(".moelens-grid .moelens-cell")
+    on_background, _ = lab.colors(".moelens-grid .moelens-cell")
     cells.nth(0).click()  # the default brush disables
     page.wait_for_function("() => document.querySelector('.moelens-grid .moelens-cell').style.backgroundColor !== ''")
-    disabled_background, disabled_text = lab.colours(".moelens-grid .moelens-cell")
+    disabled_background, disabled_text = lab.colors(".moelens-grid .moelens-cell")
     assert disabled_background == (217, 83, 79) != on_background and disabled_text == (255, 255, 255)
     assert "disabled (reroute) L0: 0" in grid.locator(".moelens-status").inner_text()
 
@@ -238,7 +238,7 @@ def test_steering_grid_paints_generates_and_steers_only_generated_tokens(lab):
 
     lab.theme("JupyterLab Dark")
     try:
-        background, text = lab.colours(".moelens-grid .moelens-cell[title$=': on']")
+        background, text = lab.colors(".moelens-grid .moelens-cell[title$=': on']")
         assert _luminance(background) < 100 and _luminance(text) > 150, (background, text)  # on cells follow the theme
         lab.screenshot("grid-dark", ".moelens-grid")
     finally:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from moelens.zoo.corpus import _render_man_page
+from moelens.training.corpus import _render_man_page
 
 PAGE = b""".TH DEMO 1 "2026" "moelens" "User Commands"
 .SH NAME

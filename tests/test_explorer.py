@@ -16,7 +16,7 @@ import pytest
 
 import moelens
 from moelens.store import Manifest, StoreLayout, StoredTrace, write_manifest, write_shard
-from moelens.widgets.explorer import OTHER_COLOUR, PALETTE, RoutingExplorerState
+from moelens.widgets.explorer import OTHER_COLOR, PALETTE, RoutingExplorerState
 from moelens.widgets.tokens import token_pieces
 
 LAYERS = (1, 2)
@@ -157,11 +157,11 @@ def test_the_diff_marks_exactly_the_changed_expert_sets(planted):
     assert state.changes() == set() and [c.fraction for c in state.layer_changes()] == [0.0, 0.0]
 
 
-def test_colours_are_categorical_by_first_choice_and_shared_by_both_traces(planted):
+def test_colors_are_categorical_by_first_choice_and_shared_by_both_traces(planted):
     state = RoutingExplorerState(*planted)
     # rank-0 experts at layer 1, both traces: 0, 2, 2, 2, 6 and 0, 2, 4, 2, 6, 6 -> 2 (5x), 6 (3x), 0 (2x), 4 (1x)
-    assert state.colours() == {2: PALETTE[0], 6: PALETTE[1], 0: PALETTE[2], 4: PALETTE[3]}
-    assert len(set(PALETTE)) == len(PALETTE) > 10 and OTHER_COLOUR not in PALETTE
+    assert state.colors() == {2: PALETTE[0], 6: PALETTE[1], 0: PALETTE[2], 4: PALETTE[3]}
+    assert len(set(PALETTE)) == len(PALETTE) > 10 and OTHER_COLOR not in PALETTE
 
 
 def test_bad_selections_say_what_exists(planted):

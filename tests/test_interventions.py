@@ -5,6 +5,7 @@ experts received, a straightforward two-pass SCMoE implementation, and hand-buil
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 import moelens
 from moelens.hooks.adapters import UnsupportedModelError, moe_layers
 from moelens.interventions import (
+    Drop,
     Intervention,
+    Reroute,
     SpecError,
     disable,
     force,
@@ -138,7 +141,7 @@ def test_drop_with_renormalize_preserves_the_total(routed):
     _, base = _run(model, batch)
     base_i, base_w = base[layer.index]
     victim = int(base_i[0, 0])
-    _, seen = _run(model, batch, disable({layer.index: [victim]}, mode="drop", renormalize=True))
+    _, seen = _run(model, batch, disable({layer.index: [victim]}, mode=Drop(renormalize=True)))
     torch.testing.assert_close(seen[layer.index][1].float().sum(-1), base_w.float().sum(-1), rtol=1e-4, atol=1e-5)
 
 
@@ -267,7 +270,7 @@ def test_top_p_uses_fewer_experts_on_confident_tokens():
 
 def test_spec_json_round_trip():
     spec = (
-        disable({1: [3, 5]}, mode="drop", renormalize=True, tokens="prompt")
+        disable({1: [3, 5]}, mode=Drop(renormalize=True), tokens="prompt")
         + force({2: [7]})
         + reweight({1: [2]}, 64.0, renormalize=True)
         + logit_bias({2: {4: -1.5}}, tokens=[0, 3])
@@ -276,6 +279,58 @@ def test_spec_json_round_trip():
         + prune({2: [0, 1, 2, 3]})
     )
     assert Intervention.from_json(spec.to_json()) == spec
+
+
+def test_disable_modes_are_typed_and_serialised_as_objects():
+    assert disable({1: [0]}).parts[0].mode == Reroute()
+    assert disable({1: [0]}, mode="drop").parts[0].mode == Drop(renormalize=False)
+    assert disable({1: [0]}, mode=Drop(renormalize=True)).to_dict()["interventions"][0] == {
+        "kind": "disable", "tokens": "all", "experts": {"1": [0]}, "mode": {"kind": "drop", "renormalize": True},
+    }
+    assert disable({1: [0]}).to_dict()["interventions"][0]["mode"] == {"kind": "reroute"}
+
+
+def test_renormalize_with_reroute_cannot_be_written():
+    """Renormalising belongs to dropping: Reroute takes no argument, and disable() no renormalize flag."""
+    with pytest.raises(TypeError):
+        Reroute(renormalize=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        disable({1: [0]}, mode="drop", renormalize=True)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("old", "mode"),
+    [
+        pytest.param({"mode": "drop", "renormalize": True}, Drop(renormalize=True), id="drop-renormalized"),
+        pytest.param({"mode": "drop", "renormalize": False}, Drop(), id="drop"),
+        pytest.param({"mode": "reroute", "renormalize": False}, Reroute(), id="reroute"),
+        pytest.param({"mode": "drop"}, Drop(), id="drop-without-flag"),
+        pytest.param({}, Reroute(), id="no-mode"),
+    ],
+)
+def test_specs_written_with_the_old_flag_fields_still_load(old, mode):
+    text = json.dumps({"interventions": [{"kind": "disable", "experts": {"1": [3]}, "tokens": "prompt", **old}]})
+    assert Intervention.from_json(text) == disable({1: [3]}, mode=mode, tokens="prompt")
+
+
+def test_an_old_spec_with_renormalized_rerouting_says_how_to_update_it():
+    text = '{"interventions": [{"kind": "disable", "experts": {"1": [3]}, "mode": "reroute", "renormalize": true}]}'
+    with pytest.raises(SpecError, match='renormalize applies to dropping only.*"kind": "drop", "renormalize": true'):
+        Intervention.from_json(text)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        pytest.param(force({1: [0]}) + top_p(0.5), "top_p and force apply to the same tokens", id="force-and-top-p"),
+        pytest.param(rank(2) + top_p(0.5), "top_p and rank apply to the same tokens", id="rank-and-top-p"),
+    ],
+)
+def test_alternative_selections_for_the_same_tokens_are_refused_at_bind(spec, message):
+    model, _ = moelens.load("tiny:qwen2_moe")
+    with pytest.raises(SpecError, match=message):
+        with intervene(model, spec):
+            pass
 
 
 @pytest.mark.parametrize(
@@ -384,6 +439,20 @@ def test_generate_contrast_matches_the_two_pass_implementation(family):
         if tokenizer.eos_token_id in expected:  # after EOS the batched decoder pads
             expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
         assert output.new_tokens[row].tolist()[: len(expected)] == expected
+
+
+def test_generate_contrast_samples_repeatably_with_a_seeded_generator():
+    from moelens.interventions.contrast import Sampling
+
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    draws = [
+        generate_contrast(model, tokenizer, PROMPTS[:2], max_new_tokens=4,
+                          sampling=Sampling(temperature=2.0, generator=torch.Generator().manual_seed(seed))).new_tokens
+        for seed in (0, 0)
+    ]
+    assert torch.equal(draws[0], draws[1])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        Sampling(temperature=0.0)
 
 
 def test_contrast_logits_by_hand():

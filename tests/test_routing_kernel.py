@@ -21,7 +21,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from moelens.kernels.routing import RoutingControls, RoutingRule, num_slots, route
+from moelens.kernels.routing import (
+    DropWeights,
+    MultiplyWeights,
+    RankSelect,
+    RoutingControls,
+    RoutingRule,
+    TopKSelect,
+    TopPSelect,
+    num_slots,
+    route,
+)
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -80,24 +90,23 @@ def _controls(kind: str, num_tokens: int, num_experts: int, top_k: int, gen: tor
         "none": lambda: None,
         "bias": lambda: RoutingControls(logit_bias=torch.randn(num_experts, generator=gen) * 2),
         "disable": lambda: RoutingControls(disable=_mask(num_experts, quarter, gen)),
-        "force": lambda: RoutingControls(force=_mask(num_experts, n_force, gen)),
-        "drop": lambda: RoutingControls(drop=_mask(num_experts, quarter, gen)),
-        "drop_renorm": lambda: RoutingControls(drop=_mask(num_experts, quarter, gen), drop_renormalize=True),
-        "multiplier": lambda: RoutingControls(multiplier=factors),
-        "multiplier_renorm": lambda: RoutingControls(multiplier=factors, multiplier_renormalize=True),
-        "top_p": lambda: RoutingControls(top_p=0.4, top_p_max_k=min(num_experts, 2 * top_k)),
-        "top_p_renorm": lambda: RoutingControls(top_p=0.7, top_p_renormalize=True),
-        "rank": lambda: RoutingControls(rank=min(2, num_experts)),
+        "force": lambda: RoutingControls(select=TopKSelect(force=_mask(num_experts, n_force, gen))),
+        "drop": lambda: RoutingControls(drop=DropWeights(_mask(num_experts, quarter, gen))),
+        "drop_renorm": lambda: RoutingControls(drop=DropWeights(_mask(num_experts, quarter, gen), renormalize=True)),
+        "multiplier": lambda: RoutingControls(multiplier=MultiplyWeights(factors)),
+        "multiplier_renorm": lambda: RoutingControls(multiplier=MultiplyWeights(factors, renormalize=True)),
+        "top_p": lambda: RoutingControls(select=TopPSelect(0.4, max_k=min(num_experts, 2 * top_k))),
+        "top_p_renorm": lambda: RoutingControls(select=TopPSelect(0.7, renormalize=True)),
+        "rank": lambda: RoutingControls(select=RankSelect(min(2, num_experts))),
         "masked_disable": lambda: RoutingControls(
             disable=_mask(num_experts, quarter, gen), token_mask=torch.rand(num_tokens, generator=gen) < 0.5
         ),
         "combined": lambda: RoutingControls(
             logit_bias=torch.randn(num_experts, generator=gen),
             disable=_mask(num_experts, quarter, gen) & ~(force := _mask(num_experts, n_force, gen)),
-            force=force,
-            drop=_mask(num_experts, quarter, gen),
-            multiplier=factors,
-            multiplier_renormalize=True,
+            select=TopKSelect(force=force),
+            drop=DropWeights(_mask(num_experts, quarter, gen)),
+            multiplier=MultiplyWeights(factors, renormalize=True),
         ),
     }[kind]()
 
@@ -310,38 +319,38 @@ def test_planted_disable_reroutes_to_next_best(impl: str) -> None:
 
 
 def test_planted_force_takes_last_slot(impl: str) -> None:
-    weights, indices = _planted(impl, force=_bools(5, 4))
+    weights, indices = _planted(impl, select=TopKSelect(force=_bools(5, 4)))
     assert indices == [0, 4]
     assert weights == pytest.approx(_softmax_of(4.0, 0.0))
 
 
 def test_planted_forced_expert_already_chosen_moves_last(impl: str) -> None:
-    assert _planted(impl, force=_bools(5, 0))[1] == [1, 0]
+    assert _planted(impl, select=TopKSelect(force=_bools(5, 0)))[1] == [1, 0]
 
 
 def test_planted_drop_zeroes_weight_and_optionally_renormalizes(impl: str) -> None:
     kept = _softmax_of(4.0, 3.0)[1]
-    assert _planted(impl, drop=_bools(5, 0)) == (pytest.approx([0.0, kept]), [0, 1])
-    assert _planted(impl, drop=_bools(5, 0), drop_renormalize=True) == (pytest.approx([0.0, 1.0]), [0, 1])
+    assert _planted(impl, drop=DropWeights(_bools(5, 0))) == (pytest.approx([0.0, kept]), [0, 1])
+    assert _planted(impl, drop=DropWeights(_bools(5, 0), renormalize=True)) == (pytest.approx([0.0, 1.0]), [0, 1])
 
 
 def test_planted_multiplier(impl: str) -> None:
     top = _softmax_of(4.0, 3.0)
     factor = torch.ones(5).index_fill_(0, torch.tensor([1]), 64.0)
-    assert _planted(impl, multiplier=factor)[0] == pytest.approx([top[0], top[1] * 64])
+    assert _planted(impl, multiplier=MultiplyWeights(factor))[0] == pytest.approx([top[0], top[1] * 64])
     renormalized = [top[0] / (top[0] + 64 * top[1]), 64 * top[1] / (top[0] + 64 * top[1])]
-    assert _planted(impl, multiplier=factor, multiplier_renormalize=True)[0] == pytest.approx(renormalized)
+    assert _planted(impl, multiplier=MultiplyWeights(factor, renormalize=True))[0] == pytest.approx(renormalized)
 
 
 def test_planted_rank_two_routes_to_second_best_with_weight_one(impl: str) -> None:
-    assert _planted(impl, rank=2) == ([1.0], [1])
-    assert _planted(impl, rank=2, disable=_bools(5, 1)) == ([1.0], [2])
+    assert _planted(impl, select=RankSelect(2)) == ([1.0], [1])
+    assert _planted(impl, select=RankSelect(2), disable=_bools(5, 1)) == ([1.0], [2])
 
 
 def test_rank_weight_is_the_familys_routed_scale(impl: str) -> None:
     """DeepSeek's top-k weights sum to routed_scaling_factor: its one weak expert gets that factor."""
     scaled = RoutingRule(2, "sigmoid", renormalize=True, scaling=2.5)
-    weights, indices = route(PLANTED_LOGITS, scaled, controls=RoutingControls(rank=2), impl=impl)
+    weights, indices = route(PLANTED_LOGITS, scaled, controls=RoutingControls(select=RankSelect(2)), impl=impl)
     assert (weights[0].tolist(), indices[0].tolist()) == ([2.5], [1])
     assert route(PLANTED_LOGITS, scaled, impl=impl)[0].sum().item() == pytest.approx(2.5)  # the family's own scale
 
@@ -353,7 +362,7 @@ def test_planted_top_p_keeps_smallest_prefix_above_p(impl: str, p: float, kept: 
     probs = [0.5, 0.3, 0.15, 0.05]
     logits = torch.tensor([[math.log(q) for q in probs]])
     rule = RoutingRule(2, "softmax", renormalize=True)
-    weights, indices = route(logits, rule, controls=RoutingControls(top_p=p, top_p_max_k=4), impl=impl)
+    weights, indices = route(logits, rule, controls=RoutingControls(select=TopPSelect(p, max_k=4)), impl=impl)
     assert indices[0].tolist() == kept + [4] * (4 - len(kept))  # empty slots hold the sentinel E = 4
     assert weights[0].tolist() == pytest.approx(probs[: len(kept)] + [0.0] * (4 - len(kept)))  # raw probabilities
 
@@ -365,7 +374,7 @@ def test_top_p_has_no_cap_by_default(impl: str) -> None:
 
     logits = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * 0.8
     rule = RoutingRule(2, "softmax", renormalize=True)
-    weights, indices = route(logits, rule, controls=RoutingControls(top_p=0.9), impl=impl)
+    weights, indices = route(logits, rule, controls=RoutingControls(select=TopPSelect(0.9)), impl=impl)
     assert indices.shape[1] == 64  # room for every expert
     probs = np.exp(logits.double().numpy())
     probs /= probs.sum(axis=1, keepdims=True)
@@ -374,7 +383,7 @@ def test_top_p_has_no_cap_by_default(impl: str) -> None:
     kept = (indices < 64).sum(dim=1).numpy()
     np.testing.assert_array_equal(kept, expected)
     assert kept.mean() > 20  # far above top-k = 2
-    capped = route(logits, rule, controls=RoutingControls(top_p=0.9, top_p_max_k=2), impl=impl)[1]
+    capped = route(logits, rule, controls=RoutingControls(select=TopPSelect(0.9, max_k=2)), impl=impl)[1]
     assert capped.shape[1] == 2 and (capped < 64).all()
 
 
@@ -387,7 +396,7 @@ def test_top_p_weights_on_a_sigmoid_family_keep_its_scale(impl: str) -> None:
     generator = torch.Generator().manual_seed(1)
     logits, bias = torch.randn(64, 32, generator=generator), torch.randn(32, generator=generator) * 0.1
     rule = RoutingRule(8, "sigmoid", renormalize=True, scaling=2.5)
-    weights, indices = route(logits, rule, correction_bias=bias, controls=RoutingControls(top_p=0.9), impl=impl)
+    weights, indices = route(logits, rule, correction_bias=bias, controls=RoutingControls(select=TopPSelect(0.9)), impl=impl)
     sig = 1 / (1 + np.exp(-logits.double().numpy()))
     share = sig / sig.sum(axis=1, keepdims=True)
     order = np.argsort(-(sig + bias.double().numpy()), axis=1, kind="stable")
@@ -403,7 +412,7 @@ def test_top_p_weights_on_a_sigmoid_family_keep_its_scale(impl: str) -> None:
 
 def test_planted_token_mask_leaves_other_tokens_untouched(impl: str) -> None:
     logits = PLANTED_LOGITS.expand(2, -1)
-    controls = RoutingControls(disable=_bools(5, 0), rank=1, token_mask=torch.tensor([True, False]))
+    controls = RoutingControls(disable=_bools(5, 0), select=RankSelect(1), token_mask=torch.tensor([True, False]))
     weights, indices = route(logits, SOFTMAX_RENORM, controls=controls, impl=impl)
     assert indices.tolist() == [[1, 5], [0, 1]]  # K = top_k: the masked token's second slot is empty
     assert weights[0].tolist() == [1.0, 0.0]
@@ -420,7 +429,7 @@ def test_planted_forced_expert_bypasses_groups(impl: str) -> None:
     rule = RoutingRule(2, "sigmoid", renormalize=True, n_group=2, topk_group=1, group_score="top2_sum")
     logits = torch.tensor([[3.0, 2.0, -1.0, -2.0]])  # group 0 = experts {0, 1} wins
     assert route(logits, rule, impl=impl)[1].tolist() == [[0, 1]]
-    assert route(logits, rule, controls=RoutingControls(force=_bools(4, 3)), impl=impl)[1].tolist() == [[0, 3]]
+    assert route(logits, rule, controls=RoutingControls(select=TopKSelect(force=_bools(4, 3))), impl=impl)[1].tolist() == [[0, 3]]
 
 
 # --------------------------------------------------------------------------- (d) validation errors
@@ -433,11 +442,11 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
     ("controls", "error", "match"),
     [
         pytest.param(
-            RoutingControls(force=_bools(E, 0, 1, 2)),
+            RoutingControls(select=TopKSelect(force=_bools(E, 0, 1, 2))),
             ValueError, "force selects 3 experts.*top_k=2", id="force-more-than-k",
         ),
         pytest.param(
-            RoutingControls(force=_bools(E, 1), disable=_bools(E, 1, 2)),
+            RoutingControls(select=TopKSelect(force=_bools(E, 1)), disable=_bools(E, 1, 2)),
             ValueError, r"experts \[1\] are both forced and disabled", id="force-and-disable",
         ),
         pytest.param(
@@ -445,25 +454,29 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
             ValueError, "disable masks all 8 experts", id="disable-all",
         ),
         pytest.param(
-            RoutingControls(multiplier=torch.tensor([1.0] * 7 + [0.0])),
+            RoutingControls(multiplier=MultiplyWeights(torch.tensor([1.0] * 7 + [0.0]))),
             ValueError, r"multiplier must be finite and > 0.*experts \[7\]", id="multiplier-zero",
         ),
         pytest.param(
-            RoutingControls(multiplier=-torch.ones(E)),
+            RoutingControls(multiplier=MultiplyWeights(-torch.ones(E))),
             ValueError, "multiplier must be finite and > 0", id="multiplier-negative",
         ),
-        pytest.param(RoutingControls(top_p=0.0), ValueError, r"top_p=0.0 is outside \(0, 1\]", id="top-p-zero"),
-        pytest.param(RoutingControls(top_p=1.5), ValueError, r"top_p=1.5 is outside \(0, 1\]", id="top-p-above-one"),
         pytest.param(
-            RoutingControls(top_p=0.5, top_p_max_k=9),
-            ValueError, r"top_p_max_k=9 is outside \[1, 8\]", id="top-p-max-k",
+            RoutingControls(select=TopPSelect(0.0)), ValueError, r"TopPSelect p=0.0 is outside \(0, 1\]", id="top-p-zero",
         ),
-        pytest.param(RoutingControls(rank=9), ValueError, r"rank=9 is outside \[1, 8\]", id="rank-above-E"),
-        pytest.param(RoutingControls(rank=0), ValueError, r"rank=0 is outside \[1, 8\]", id="rank-zero"),
-        pytest.param(RoutingControls(rank=2, top_p=0.5), ValueError, "rank and top_p", id="rank-with-top-p"),
         pytest.param(
-            RoutingControls(force=_bools(E, 1), rank=2),
-            ValueError, "force cannot be combined", id="force-with-rank",
+            RoutingControls(select=TopPSelect(1.5)), ValueError, r"TopPSelect p=1.5 is outside \(0, 1\]",
+            id="top-p-above-one",
+        ),
+        pytest.param(
+            RoutingControls(select=TopPSelect(0.5, max_k=9)),
+            ValueError, r"TopPSelect max_k=9 is outside \[1, 8\]", id="top-p-max-k",
+        ),
+        pytest.param(
+            RoutingControls(select=RankSelect(9)), ValueError, r"RankSelect rank=9 is outside \[1, 8\]", id="rank-above-E",
+        ),
+        pytest.param(
+            RoutingControls(select=RankSelect(0)), ValueError, r"RankSelect rank=0 is outside \[1, 8\]", id="rank-zero",
         ),
         pytest.param(
             RoutingControls(logit_bias=torch.zeros(E + 1)),
@@ -474,11 +487,11 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
             TypeError, "disable must be a bool tensor", id="mask-not-bool",
         ),
         pytest.param(
-            RoutingControls(multiplier=torch.ones(E, dtype=torch.int64)),
+            RoutingControls(multiplier=MultiplyWeights(torch.ones(E, dtype=torch.int64))),
             TypeError, "multiplier must be a floating-point", id="factor-not-float",
         ),
         pytest.param(
-            RoutingControls(drop=torch.zeros(E, dtype=torch.bool, device="meta")),
+            RoutingControls(drop=DropWeights(torch.zeros(E, dtype=torch.bool, device="meta"))),
             ValueError, "drop is on meta", id="wrong-device",
         ),
         pytest.param(
@@ -489,6 +502,36 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
 )
 def test_validation_errors(controls: RoutingControls, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
+        route(torch.randn(3, E), RULE, controls=controls)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: RoutingControls(rank=2, top_p=0.5), id="rank-with-top-p"),  # alternative selections
+        pytest.param(lambda: RoutingControls(force=_bools(E, 1), select=RankSelect(2)), id="force-with-rank"),
+        pytest.param(lambda: RankSelect(2, force=_bools(E, 1)), id="force-inside-rank"),
+        pytest.param(lambda: TopPSelect(0.5, force=_bools(E, 1)), id="force-inside-top-p"),
+        pytest.param(lambda: RoutingControls(drop_renormalize=True), id="renormalize-without-drop"),
+    ],
+)
+def test_contradictory_controls_cannot_be_built(build: Callable[[], object]) -> None:
+    """Forcing lives inside top-k selection, top-p and rank are alternatives, and each renormalisation
+    belongs to the part it undoes: the contradictory combinations the flags allowed have no spelling."""
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("controls", "match"),
+    [
+        pytest.param(RoutingControls(drop=_bools(E, 1)), r"controls.drop must be DropWeights \| None, got Tensor", id="bare-drop"),
+        pytest.param(RoutingControls(select=0.9), r"controls.select must be TopKSelect \| TopPSelect \| RankSelect", id="bare-top-p"),
+        pytest.param(RoutingControls(multiplier=torch.ones(E)), "controls.multiplier must be MultiplyWeights", id="bare-multiplier"),
+    ],
+)
+def test_controls_parts_must_be_their_variants(controls: RoutingControls, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
         route(torch.randn(3, E), RULE, controls=controls)
 
 

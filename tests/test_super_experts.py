@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from moelens.analysis import _profiling_experts as profiling
 from moelens.analysis.easy_ep import expert_importance, to_prune_spec, top_experts
-from moelens.analysis.super_experts import detect_super_experts, profile_super_experts, prune_report, sink_decay
+from moelens.analysis.super_experts import (
+    SuperExpertOptions,
+    detect_super_experts,
+    profile_super_experts,
+    prune_report,
+    sink_decay,
+)
 from moelens.hooks.adapters import UnsupportedModelError, moe_layers
 from tests.conftest import PROMPTS, _tiny
 
@@ -154,7 +160,7 @@ def _positions(batch):
 def test_max_outputs_equal_a_brute_force_loop_over_the_weights(family):
     model, tokenizer = _tiny(family)
     texts = PROMPTS  # one batch of 3 + one of 1: padding in the first
-    report = profile_super_experts(model, tokenizer, texts, batch_size=3, sinks=False)
+    report = profile_super_experts(model, tokenizer, texts, options=SuperExpertOptions(batch_size=3, sinks=False))
     rows = []
     with torch.no_grad():
         for start in range(0, len(texts), 3):
@@ -203,14 +209,14 @@ def test_a_planted_super_expert_is_detected_and_only_it():
     model, tokenizer = _tiny("qwen3_moe")
     model = copy.deepcopy(model)  # the fixture model is shared
     attention, experts_implementation = model.config._attn_implementation, model.config._experts_implementation
-    clean = profile_super_experts(model, tokenizer, PROMPTS, batch_size=4, sinks=False)
+    clean = profile_super_experts(model, tokenizer, PROMPTS, options=SuperExpertOptions(batch_size=4, sinks=False))
     first_layer = moe_layers(model)[0]
     on_first_token = clean.experts.query("layer == @first_layer.index and first_token_max.notna()")
     planted = int(on_first_token["expert"].iloc[0])
     with torch.no_grad():
         first_layer.experts.down_proj[planted] *= 1000.0
 
-    report = profile_super_experts(model, tokenizer, PROMPTS, batch_size=4)
+    report = profile_super_experts(model, tokenizer, PROMPTS, options=SuperExpertOptions(batch_size=4))
     found = report.super_experts
     assert list(zip(found["layer"], found["expert"], found["kind"])) == [(first_layer.index, planted, "routed")]
     assert report.to_disable() == {first_layer.index: [planted]}
@@ -231,7 +237,7 @@ def test_a_planted_super_expert_is_detected_and_only_it():
 
 def test_massive_activations_and_sinks_equal_a_direct_reading():
     model, tokenizer = _tiny("mixtral")
-    report = profile_super_experts(model, tokenizer, PROMPTS, batch_size=4, top_n=2)
+    report = profile_super_experts(model, tokenizer, PROMPTS, options=SuperExpertOptions(batch_size=4, top_n=2))
     batch = _batch(tokenizer)
     outputs: dict[int, torch.Tensor] = {}
     decoder_layers = model.model.layers
@@ -277,9 +283,11 @@ def test_detection_rule_thresholds_and_layer_restriction():
     assert thresholds["max_layer"] == 6 and thresholds["fraction_value"] == 40.0
     assert thresholds["percentile_value"] == pytest.approx(25.255)
     assert flagged.loc[flagged["super"], "max_output"].tolist() == [50.0, 400.0]
-    every_layer, _ = detect_super_experts(table, num_layers=8, layer_fraction=1.0)
+    every_layer, _ = detect_super_experts(table, num_layers=8, options=SuperExpertOptions(layer_fraction=1.0))
     assert every_layer.loc[every_layer["super"], "max_output"].tolist() == [400.0, 2000.0]  # 50 < 2000 / 10
-    loose, _ = detect_super_experts(table, num_layers=8, percentile=90, fraction_of_max=0.01, layer_fraction=1.0)
+    loose, _ = detect_super_experts(
+        table, num_layers=8, options=SuperExpertOptions(percentile=90, fraction_of_max=0.01, layer_fraction=1.0)
+    )
     assert loose.loc[loose["super"], "max_output"].tolist() == [50.0, 400.0, 2000.0]
 
 
@@ -289,11 +297,11 @@ def test_the_authors_first_row_reading_is_an_option():
     table.loc[7, "max_output"] = 500.0  # only on a later row
     table.loc[9, ["max_output", "first_row_max"]] = 300.0  # on the first row as well
     all_rows, _ = detect_super_experts(table, num_layers=4)
-    first_row, thresholds = detect_super_experts(table, num_layers=4, reading="first_row")
+    first_row, thresholds = detect_super_experts(table, num_layers=4, options=SuperExpertOptions(reading="first_row"))
     assert all_rows.loc[all_rows["super"], "expert"].tolist() == [7, 9]
     assert first_row.loc[first_row["super"], "expert"].tolist() == [9] and thresholds["reading"] == "first_row"
     with pytest.raises(ValueError, match="reading='last'"):
-        detect_super_experts(table, num_layers=4, reading="last")
+        SuperExpertOptions(reading="last")  # type: ignore[arg-type]
 
 
 # --- (d) EASY-EP ----------------------------------------------------------------------------------
@@ -343,3 +351,12 @@ def test_sink_decay_on_hand_made_numbers():
     assert sink_decay([0.5, 0.0], [0.75, 0.3]) == pytest.approx(-0.5)  # a head without sink mass is skipped
     with pytest.raises(ValueError, match="same shape"):
         sink_decay([0.5], [0.5, 0.5])
+
+
+def test_super_expert_options_are_keyword_only_and_checked():
+    with pytest.raises(TypeError):
+        SuperExpertOptions(8)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="layer_fraction=0 is outside"):
+        SuperExpertOptions(layer_fraction=0)
+    with pytest.raises(TypeError):
+        profile_super_experts(None, None, [], 8)  # type: ignore[misc]  # options are never positional

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from moelens.interventions import disable, intervene  # noqa: E402
-from moelens.zoo import evidence as ev  # noqa: E402
-from moelens.zoo.corpus import DOMAINS  # noqa: E402
-from moelens.zoo.probes import MARKERS, write_probes  # noqa: E402
+from moelens.training import evidence as ev  # noqa: E402
+from moelens.training.corpus import DOMAINS  # noqa: E402
+from moelens.training.probes import MARKERS, write_probes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "data" / "models" / "moelens-tiny"

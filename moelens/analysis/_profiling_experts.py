@@ -178,15 +178,27 @@ class TokenBatch:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(B, S): texts in the batch, padded length."""
         return tuple(self.inputs["input_ids"].shape)  # type: ignore[return-value]
+
+    @classmethod
+    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, first_text: int = 0) -> TokenBatch:
+        """The bookkeeping of a padded batch: ``input_ids`` and ``attention_mask`` [B, S] (1 on real tokens,
+        either padding side); row b is text ``first_text + b``, positions count its real tokens from 0."""
+        import torch
+
+        mask = attention_mask.bool()  # [B, S]
+        position = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)
+        text = (torch.arange(mask.shape[0], device=mask.device) + first_text)[:, None].expand_as(mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return cls(inputs, text.reshape(-1), position.reshape(-1), mask.reshape(-1))
 
 
 def token_batches(
     tokenizer: Any, texts: Sequence[str], *, batch_size: int, device: Any, max_length: int | None = None
 ) -> Iterator[TokenBatch]:
-    """Tokenize ``texts`` (with the tokenizer's special tokens and padding side) in batches of ``batch_size``."""
-    import torch
-
+    """Tokenize ``texts`` (with the tokenizer's special tokens and padding side) in batches of ``batch_size``
+    texts, on ``device``; ``max_length`` truncates each text to that many tokens (None: whole texts)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(texts), batch_size):
@@ -194,8 +206,4 @@ def token_batches(
         encoded = tokenizer(  # a single text needs no padding (and so no pad token)
             chunk, return_tensors="pt", padding=len(chunk) > 1, truncation=max_length is not None, max_length=max_length
         )
-        inputs = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
-        mask = inputs["attention_mask"].bool()  # [B, S]
-        position = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)
-        text = (torch.arange(len(chunk), device=device) + start)[:, None].expand_as(mask)
-        yield TokenBatch(inputs, text.reshape(-1), position.reshape(-1), mask.reshape(-1))
+        yield TokenBatch.from_ids(encoded["input_ids"].to(device), encoded["attention_mask"].to(device), first_text=start)

@@ -166,8 +166,8 @@ def token_view(trace: Trace, prompt_id: Any, layer: int, *, tokens_per_line: int
     labels = [html.escape(piece, quote=False).replace("\n", "↵") for piece in pieces]
     num_experts = trace.experts
     scale = []  # stepwise: z in [e, e + 1) gets expert e's colour
-    for expert, colour in enumerate(_categorical(num_experts)):
-        scale += [[expert / num_experts, colour], [(expert + 1) / num_experts, colour]]
+    for expert, color in enumerate(_categorical(num_experts)):
+        scale += [[expert / num_experts, color], [(expert + 1) / num_experts, color]]
     z = grid([float(top.get(p, np.nan)) + 0.5 for p in positions], np.nan).astype(float)
     texts = [f"position {p} {label}<br>{hover.get(p, '')}" for p, label in zip(positions, labels)]
     figure = go.Figure(

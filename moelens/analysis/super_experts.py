@@ -33,6 +33,58 @@ if TYPE_CHECKING:
 ExpertsByLayer = Mapping[int, Sequence[int]]
 
 
+@dataclass(frozen=True, kw_only=True)
+class SuperExpertOptions:
+    """How :func:`profile_super_experts` runs and detects, and how :func:`prune_report` runs
+    (it reads ``batch_size``, ``max_length`` and ``sinks``). Defaults follow the paper and its code.
+
+    Running the texts:
+        batch_size: texts per forward pass (padding is excluded from every measurement).
+        max_length: truncate each text to this many tokens; ``None`` keeps whole texts.
+        sinks: measure attention sinks (runs attention eagerly while profiling; no sinks table otherwise).
+        top_n: how many of the largest residual-stream magnitudes to keep per layer.
+
+    Detecting super experts (:func:`detect_super_experts`):
+        percentile: a super expert's max output exceeds this percentile (0-100) of the kept experts' maxima (99.5).
+        fraction_of_max: ... and this fraction of the largest of them (0.1).
+        layer_fraction: experts of layers l < round(layer_fraction x decoder layers) are kept (0.75:
+            the layers where massive activations form).
+        reading: ``"all_rows"`` the max over every routed token; ``"first_row"`` the authors' hook
+            (each forward call's first routed row only; reproduces their tables).
+
+    Flagging massive activations (Sun et al.'s criterion):
+        massive_abs: magnitude above this absolute value (100) ...
+        massive_ratio: ... and above this multiple of the text's median magnitude (1000).
+    """
+
+    batch_size: int = 8
+    max_length: int | None = None
+    sinks: bool = True
+    top_n: int = 3
+    percentile: float = 99.5
+    fraction_of_max: float = 0.1
+    layer_fraction: float = 0.75
+    reading: Literal["all_rows", "first_row"] = "all_rows"
+    massive_abs: float = 100.0
+    massive_ratio: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size={self.batch_size!r}: use a whole number >= 1")
+        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length >= 1):
+            raise ValueError(f"max_length={self.max_length!r}: use None or a whole number >= 1")
+        if not (isinstance(self.top_n, int) and self.top_n >= 1):
+            raise ValueError(f"top_n={self.top_n!r}: use a whole number >= 1")
+        if not 0 <= self.percentile <= 100:
+            raise ValueError(f"percentile={self.percentile!r} is outside [0, 100]")
+        if not 0 <= self.fraction_of_max <= 1:
+            raise ValueError(f"fraction_of_max={self.fraction_of_max!r} is outside [0, 1]")
+        if not 0 < self.layer_fraction <= 1:
+            raise ValueError(f"layer_fraction={self.layer_fraction!r} is outside (0, 1]")
+        if self.reading not in ("all_rows", "first_row"):
+            raise ValueError(f"reading={self.reading!r}: use 'all_rows' or 'first_row'")
+
+
 @dataclass
 class SuperExpertReport:
     """What :func:`profile_super_experts` found.
@@ -80,34 +132,26 @@ def profile_super_experts(
     tokenizer: Any,
     texts: Sequence[str],
     *,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    sinks: bool = True,
-    top_n: int = 3,
-    percentile: float = 99.5,
-    fraction_of_max: float = 0.1,
-    layer_fraction: float = 0.75,
-    massive_abs: float = 100.0,
-    massive_ratio: float = 1000.0,
-    reading: Literal["all_rows", "first_row"] = "all_rows",
+    options: SuperExpertOptions = SuperExpertOptions(),
 ) -> SuperExpertReport:
     """Profile ``texts`` through ``model`` (one forward per batch, no gradients) and detect super experts.
 
-    Experts are profiled through the moelens experts implementation (outputs bitwise those of
-    eager experts); with ``sinks`` the attention runs eagerly so that weights can be read. Both
-    are switched back on return. Detection: see :func:`detect_super_experts` (``percentile``,
-    ``fraction_of_max``, ``layer_fraction``, ``reading``); massive activations: ``massive_abs``, ``massive_ratio``.
+    Every real token of every text counts (padding excluded); positions count from each text's first
+    token. Experts are profiled through the moelens experts implementation (outputs bitwise those of
+    eager experts); with ``options.sinks`` the attention runs eagerly so that weights can be read.
+    Both are switched back on return. Detection: :func:`detect_super_experts` with ``options``;
+    massive activations: ``options.massive_abs`` and ``options.massive_ratio``. See
+    :class:`SuperExpertReport` for the tables (magnitudes in the model's hidden-state units).
     """
     layers = moe_layers(model)
-    run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers, experts=True,
-                   sinks=sinks, top_n=top_n)
+    run = _observe(model, tokenizer, texts, batch_size=options.batch_size, max_length=options.max_length,
+                   layers=layers, experts=True, sinks=options.sinks, top_n=options.top_n)
     num_layers = moe_view(model).num_decoder_layers
-    experts, thresholds = detect_super_experts(
-        run.experts, num_layers=num_layers, percentile=percentile, fraction_of_max=fraction_of_max,
-        layer_fraction=layer_fraction, reading=reading,
+    experts, thresholds = detect_super_experts(run.experts, num_layers=num_layers, options=options)
+    massive = run.massive.assign(
+        massive=lambda d: (d["magnitude"] > options.massive_abs) & (d["ratio"] > options.massive_ratio)
     )
-    massive = run.massive.assign(massive=lambda d: (d["magnitude"] > massive_abs) & (d["ratio"] > massive_ratio))
-    thresholds.update(massive_abs=massive_abs, massive_ratio=massive_ratio)
+    thresholds.update(massive_abs=options.massive_abs, massive_ratio=options.massive_ratio)
     return SuperExpertReport(experts=experts, massive=massive, sinks=run.sinks, thresholds=thresholds)
 
 
@@ -115,13 +159,13 @@ def detect_super_experts(
     experts: pd.DataFrame,
     *,
     num_layers: int,
-    percentile: float = 99.5,
-    fraction_of_max: float = 0.1,
-    layer_fraction: float = 0.75,
-    reading: Literal["all_rows", "first_row"] = "all_rows",
+    options: SuperExpertOptions = SuperExpertOptions(),
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Flag super experts, as the authors' code does.
+    """Flag super experts, as the authors' code does; reads ``options``' ``percentile``,
+    ``fraction_of_max``, ``layer_fraction`` and ``reading``.
 
+    ``experts``: the :attr:`SuperExpertReport.experts` columns ``layer``, ``max_output`` and
+    ``first_row_max`` (one row per routed or shared expert); ``num_layers``: the model's decoder layers.
     Kept layers: l < round(``layer_fraction`` x ``num_layers``) (where massive activations form).
     A = the maxima a(l, e) of every expert of the kept layers that ran (routed and shared; dense
     MLPs are not in ``experts``). Super expert iff a > P_percentile(A) and a > ``fraction_of_max``
@@ -137,10 +181,9 @@ def detect_super_experts(
     """
     import numpy as np
 
-    column = {"all_rows": "max_output", "first_row": "first_row_max"}.get(reading)
-    if column is None:
-        raise ValueError(f"reading={reading!r}: use 'all_rows' or 'first_row'")
-    max_layer = round(layer_fraction * num_layers)
+    percentile, fraction_of_max, reading = options.percentile, options.fraction_of_max, options.reading
+    column = {"all_rows": "max_output", "first_row": "first_row_max"}[reading]
+    max_layer = round(options.layer_fraction * num_layers)
     kept = experts["layer"] < max_layer
     maxima = experts.loc[kept, column].dropna().to_numpy()
     if maxima.size == 0:
@@ -153,7 +196,7 @@ def detect_super_experts(
     threshold = max(percentile_value, fraction_value)
     flagged = kept & (experts[column] > threshold)
     thresholds = dict(
-        percentile=percentile, fraction_of_max=fraction_of_max, layer_fraction=layer_fraction,
+        percentile=percentile, fraction_of_max=fraction_of_max, layer_fraction=options.layer_fraction,
         percentile_value=percentile_value, fraction_value=fraction_value,
         threshold=threshold, max_layer=float(max_layer), reading=reading,
     )
@@ -202,21 +245,23 @@ def prune_report(
     super_experts: ExpertsByLayer | SuperExpertReport,
     *,
     seeds: Sequence[int] = (0, 1, 2),
-    batch_size: int = 8,
-    max_length: int | None = None,
-    sinks: bool = True,
+    options: SuperExpertOptions = SuperExpertOptions(),
 ) -> PruneReport:
     """Drop the super experts, and as a control as many random routed non-super experts (one draw
     per seed, from all MoE layers), and measure the change on held-out ``texts``.
 
-    Drop = ``disable(..., mode="drop")`` through ``moelens.interventions``: the expert is still
-    selected, its output is zeroed and its weight is not given to the others. Shared experts
-    cannot be dropped this way and are ignored. Prints nothing; ``print(report)`` shows the summary.
+    ``super_experts``: {layer: [routed expert ids]} or a :class:`SuperExpertReport` (its routed
+    super experts). Runs as ``options`` say (``batch_size``, ``max_length``, ``sinks``; without
+    sinks the sink columns are NaN). Drop = ``disable(..., mode=Drop())`` through
+    ``moelens.interventions``: the expert is still selected, its output is zeroed and its weight is
+    not given to the others. Shared experts cannot be dropped this way and are ignored. Loss counts
+    every real next-token prediction of the texts. Prints nothing; ``print(report)`` shows the summary.
     """
+    batch_size, max_length, sinks = options.batch_size, options.max_length, options.sinks
     import numpy as np
     import pandas as pd
 
-    from moelens.interventions import disable, intervene
+    from moelens.interventions import Drop, disable, intervene
 
     layers = moe_layers(model)
     chosen = super_experts.to_disable() if isinstance(super_experts, SuperExpertReport) else super_experts
@@ -238,7 +283,7 @@ def prune_report(
 
     rows, baseline = [], None
     for condition, seed, spec in conditions:
-        with intervene(model, disable(spec, mode="drop")):  # the baseline's empty spec changes nothing
+        with intervene(model, disable(spec, mode=Drop())):  # the baseline's empty spec changes nothing
             run = _observe(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, layers=layers,
                            experts=False, sinks=sinks, top_n=1)
         sink = run.sinks.set_index(["layer", "head"])["sink_mass"]  # empty without sinks
@@ -282,7 +327,7 @@ def _observe(
     device = input_device(model)
     decoder_layers = list(moe_view(model).decoder_layers)
     maxima = {l.index: _MaxOutputs(l.num_experts + (l.shared is not None), device) for l in layers} if experts else {}
-    residual, sink, loss = _Residuals(len(decoder_layers), top_n), _Sinks(), _Loss()
+    residual, sink, loss = _Residuals(len(decoder_layers), top_n), SinkMass(), _Loss()
     with ExitStack() as stack:
         for i, decoder_layer in enumerate(decoder_layers):
             stack.callback(decoder_layer.register_forward_hook(residual.hook(i)).remove)
@@ -439,14 +484,17 @@ class _Residuals:
         return table[["layer", "rank", "value", "magnitude", "text", "position", "channel", "median", "ratio"]]
 
 
-class _Sinks:
-    """Attention mass on each text's first token, summed per (layer, head) over later real query tokens."""
+class SinkMass:
+    """Attention-sink accumulator: the attention probability each head puts on a text's first token,
+    summed per (layer, head) over every later real query token of the texts added (padding and the
+    first token's own query excluded); :meth:`frame` gives the mean per query."""
 
     def __init__(self) -> None:
         self.mass: list[torch.Tensor] | None = None  # per layer [heads]
         self.queries = 0
 
     def add(self, attentions: Sequence[torch.Tensor], batch: TokenBatch) -> None:
+        """Add one forward's ``attentions`` (per decoder layer [B, heads, S, S] probabilities) for ``batch``."""
         import torch
 
         b, s = batch.shape
@@ -461,6 +509,7 @@ class _Sinks:
         self.queries += int(queries.sum())
 
     def frame(self) -> pd.DataFrame:
+        """Columns ``layer``, ``head``, ``sink_mass`` (mean over the query tokens added; empty if none were)."""
         import pandas as pd
 
         if self.mass is None:

@@ -4,13 +4,16 @@
 Build a spec with the constructors, combine with ``+``, apply with :func:`intervene`::
 
     spec = disable({3: [5, 9]}) + reweight({5: [1]}, factor=8.0, tokens="generated")
+    spec += disable({4: [2]}, mode=Drop(renormalize=True))   # modes: Reroute() (default) or Drop(...)
     with intervene(model, spec):
         model.generate(...)
 """
 
 from moelens.interventions.apply import active_intervention, intervene
 from moelens.interventions.spec import (
+    Drop,
     Intervention,
+    Reroute,
     SpecError,
     disable,
     force,
@@ -23,7 +26,9 @@ from moelens.interventions.spec import (
 )
 
 __all__ = [
+    "Drop",
     "Intervention",
+    "Reroute",
     "SpecError",
     "active_intervention",
     "disable",

@@ -37,6 +37,7 @@ from moelens.hooks.routing_check import RouterReading, RoutingCheck, routing_che
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
+    Drop,
     Force,
     Intervention,
     LogitBias,
@@ -126,10 +127,15 @@ class _LayerPlan:
         import torch
 
         if device not in self._placed:
-            def moved(controls: RoutingControls) -> RoutingControls:
-                changes = {f.name: getattr(controls, f.name).to(device) for f in dataclasses.fields(controls)
-                           if isinstance(getattr(controls, f.name), torch.Tensor)}
-                return dataclasses.replace(controls, **changes)
+            def moved(part: Any) -> Any:  # the controls and their parts (selection, multiplier, drop), tensors moved
+                changes = {}
+                for f in dataclasses.fields(part):
+                    value = getattr(part, f.name)
+                    if isinstance(value, torch.Tensor):
+                        changes[f.name] = value.to(device)
+                    elif dataclasses.is_dataclass(value):
+                        changes[f.name] = moved(value)
+                return dataclasses.replace(part, **changes) if changes else part
 
             def to(tensor: torch.Tensor | None) -> torch.Tensor | None:
                 return tensor.to(device) if tensor is not None else None
@@ -242,7 +248,15 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
 
     import torch
 
-    from moelens.kernels.routing import RoutingControls
+    from moelens.kernels.routing import (
+        DropWeights,
+        MultiplyWeights,
+        RankSelect,
+        RoutingControls,
+        Selection,
+        TopKSelect,
+        TopPSelect,
+    )
 
     num_experts, index = layer.num_experts, layer.index
     disable = torch.zeros(num_experts, dtype=torch.bool)
@@ -264,10 +278,10 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
 
     for part in parts:
         if isinstance(part, Disable):
-            target = disable if part.mode == "reroute" else drop
-            target[experts_of(part, part.experts[index])] = True
-            if part.mode == "drop":
-                setting("drop_renormalize", part.renormalize, part)
+            dropped = isinstance(part.mode, Drop)
+            (drop if dropped else disable)[experts_of(part, part.experts[index])] = True
+            if dropped:
+                setting("drop renormalize", part.mode.renormalize, part)
         elif isinstance(part, Prune):
             keep = experts_of(part, part.keep[index])
             mask = torch.ones(num_experts, dtype=torch.bool)
@@ -277,14 +291,14 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
             force[experts_of(part, part.experts[index])] = True
         elif isinstance(part, Reweight):
             multiplier[experts_of(part, part.experts[index])] *= part.factor
-            setting("multiplier_renormalize", part.renormalize, part)
+            setting("reweight renormalize", part.renormalize, part)
         elif isinstance(part, LogitBias):
             for expert, value in part.bias[index].items():
                 bias[experts_of(part, (expert,))] += value
         elif isinstance(part, TopP):
             setting("top_p", part.p, part)
-            setting("top_p_max_k", part.max_k, part)
-            setting("top_p_renormalize", part.renormalize, part)
+            setting("top_p max_k", part.max_k, part)
+            setting("top_p renormalize", part.renormalize, part)
         elif isinstance(part, TopK):
             if part.k > rule.top_k:
                 raise SpecError(f"top_k: k = {part.k} in layer {index} exceeds the family's top-k = {rule.top_k}")
@@ -305,13 +319,23 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
         raise SpecError(f"layer {index}: expert {both[0]} is both forced and disabled")
     if int(force.sum()) > routed.top_k:
         raise SpecError(f"force: {int(force.sum())} experts forced in layer {index}, but only top-k = {routed.top_k} slots exist")
+    selections = [name for name in ("top_p", "rank") if name in settings] + (["force"] if force.any() else [])
+    if len(selections) > 1:
+        raise SpecError(
+            f"layer {index}: {' and '.join(selections)} apply to the same tokens; they are alternative selections "
+            "(top-p and rank choose per-token slot counts, force fills top-k slots); give them different tokens"
+        )
+    select: Selection = TopKSelect(force=force if force.any() else None)
+    if "top_p" in settings:
+        select = TopPSelect(settings["top_p"], max_k=settings["top_p max_k"], renormalize=settings["top_p renormalize"])
+    elif "rank" in settings:
+        select = RankSelect(settings["rank"])
     controls = RoutingControls(
         logit_bias=bias if bias.any() else None,
         disable=disable if disable.any() else None,
-        force=force if force.any() else None,
-        drop=drop if drop.any() else None,
-        multiplier=multiplier if (multiplier != 1).any() else None,
-        **settings,
+        select=select,
+        drop=DropWeights(drop, renormalize=settings["drop renormalize"]) if drop.any() else None,
+        multiplier=MultiplyWeights(multiplier, renormalize=settings["reweight renormalize"]) if (multiplier != 1).any() else None,
     )
     return controls, routed
 

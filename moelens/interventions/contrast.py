@@ -6,7 +6,7 @@ Per step, with strong logits z_s (default routing, or a ``strong`` spec) and wea
     z = (1 + beta) * z_s - beta * z_w      on tokens with z_s >= log(alpha) + max(z_s)
     z = -inf                               elsewhere
 
-then greedy argmax (or sampling from softmax(z / temperature)). Both passes run as ONE batched
+then greedy argmax (or, with a :class:`Sampling`, sampling from softmax(z / temperature)). Both passes run as ONE batched
 forward per step: rows [0, B) are the strong copies, rows [B, 2B) the weak copies with the weak
 routing applied to those rows only, each row with its own KV cache entries.
 """
@@ -28,14 +28,30 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sample each next token from softmax(z / ``temperature``) of the contrasted logits z instead of
+    taking the arg-max; ``generator`` (a ``torch.Generator`` on the model's input device) makes it repeatable."""
+
+    temperature: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
 class ContrastOutput:
+    """What :func:`generate_contrast` produced, per prompt in input order."""
+
     sequences: torch.Tensor  # [B, prompt + new] left-padded prompt followed by the generated tokens
     new_tokens: torch.Tensor  # [B, new]; pad after a row finished
     texts: list[str]  # decoded new tokens per prompt
 
 
 def contrast_logits(strong: torch.Tensor, weak: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
-    """SCMoE's contrasted next-token logits for [..., V] strong and weak logits."""
+    """SCMoE's contrasted next-token logits: [..., V] strong and weak logits (same shape) -> [..., V] float,
+    ``(1 + beta) * strong - beta * weak`` where ``strong >= log(alpha) + max(strong)``, -inf elsewhere."""
     import torch
 
     cutoff = strong.max(dim=-1, keepdim=True).values + math.log(alpha)
@@ -53,18 +69,20 @@ def generate_contrast(
     beta: float = 0.5,
     alpha: float = 0.1,
     max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampling: Sampling | None = None,
     ban_eos: bool = False,
 ) -> ContrastOutput:
-    """Generate from ``prompts`` with self-contrast decoding (greedy unless ``do_sample``).
+    """Generate from ``prompts`` with self-contrast decoding: greedy, or sampled with ``sampling``.
+
+    Prompts are left-padded into one batch; every token of a prompt is fed, and each row stops
+    after its EOS (then fed padding) or after ``max_new_tokens`` new tokens.
 
     Args:
         strong: routing of the strong pass; ``None`` = the model's own top-k routing.
         weak: routing of the weak pass; ``None`` = ``rank(2)`` (only each token's second-best expert).
         beta: contrast strength (the paper's typical value 0.5).
-        alpha: plausibility cut-off: tokens whose strong probability is below alpha x the best are excluded.
+        alpha: plausibility cut-off in (0, 1]: tokens whose strong probability is below alpha x the best are excluded.
+        sampling: ``None`` (default) takes the arg-max; a :class:`Sampling` samples at its temperature.
         ban_eos: never choose the EOS token (the authors' code does so by default; every row then
             runs to ``max_new_tokens``).
 
@@ -98,9 +116,9 @@ def generate_contrast(
             scores = contrast_logits(last[:batch], last[batch:], beta=beta, alpha=alpha)
             if ban_eos and eos is not None:
                 scores[:, eos] = -torch.inf
-            if do_sample:
-                probabilities = torch.softmax(scores / temperature, dim=-1)
-                token = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+            if sampling is not None:
+                probabilities = torch.softmax(scores / sampling.temperature, dim=-1)
+                token = torch.multinomial(probabilities, 1, generator=sampling.generator).squeeze(-1)
             else:
                 token = scores.argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, pad), token)

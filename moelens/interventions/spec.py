@@ -4,8 +4,9 @@ A spec is data. It says which experts, in which layers, for which tokens, and wh
 :func:`moelens.interventions.intervene` binds it to a model (checking it against the model's
 layers and experts) and applies it through the one routing function of ``moelens.kernels``.
 
-JSON form: ``{"interventions": [{"kind": "disable", "experts": {"3": [5, 9]}, "mode": "reroute",
-...}, ...]}``. Unknown kinds or fields are errors that name them.
+JSON form: ``{"interventions": [{"kind": "disable", "experts": {"3": [5, 9]}, "mode": {"kind": "reroute"},
+"tokens": "all"}, ...]}``. Unknown kinds or fields are errors that name them. Specs written before disable modes
+were typed (``"mode": "drop", "renormalize": true``) still load, as the equivalent typed mode.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Part:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """The part as JSON-ready data: ``{"kind": ..., <field>: <value>, ...}`` (layer keys as strings)."""
         data: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -67,18 +69,51 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Reroute:
+    """Disable mode: the expert is excluded from the choice and the next-best expert takes its slot, so every
+    token keeps its full set of top-k experts."""
+
+    name: ClassVar[str] = "reroute"
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"kind": "reroute"}``."""
+        return {"kind": self.name}
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Disable mode: the expert is still chosen but contributes nothing (weight 0 after selection).
+
+    ``renormalize`` rescales the token's other chosen experts to the original weight total (MoTE's
+    switch-off); ``False`` loses the dropped weight (the super-experts experiment).
+    """
+
+    name: ClassVar[str] = "drop"
+    renormalize: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"kind": "drop", "renormalize": bool}``."""
+        return {"kind": self.name, "renormalize": self.renormalize}
+
+
+DisableMode = Reroute | Drop
+_MODES: dict[str, type[Reroute] | type[Drop]] = {"reroute": Reroute, "drop": Drop}
+
+
+@dataclass(frozen=True)
 class Disable(Part):
-    """Switch experts off. ``reroute``: excluded from choice, the next-best expert takes the slot.
-    ``drop``: still chosen, contributes nothing; ``renormalize`` rescales the other chosen experts to
-    the original total (MoTE's switch-off), else the weight is lost (the super-experts experiment)."""
+    """Switch experts off, in one of two modes: :class:`Reroute` (the next-best expert takes the slot)
+    or :class:`Drop` (still chosen, contributes nothing, optionally renormalised)."""
 
     kind: ClassVar[str] = "disable"
     experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    mode: Literal["reroute", "drop"] = "reroute"
-    renormalize: bool = False
+    mode: DisableMode = Reroute()
 
     def layers(self) -> tuple[int, ...]:
         return tuple(self.experts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "mode": self.mode.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -177,6 +212,7 @@ class Prune(Part):
         return tuple(self.keep)
 
 
+_LEGACY_FIELDS = {"disable": {"renormalize"}}  # read from specs written by earlier versions (see _legacy_mode)
 _KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Prune)}
 
 
@@ -192,19 +228,24 @@ class Intervention:
         return Intervention(self.parts + other.parts)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"interventions": [part.to_dict(), ...]}``, in the order the parts were combined."""
         return {"interventions": [part.to_dict() for part in self.parts]}
 
     def to_json(self, **dumps: Any) -> str:
+        """:meth:`to_dict` as a JSON string; ``dumps`` go to ``json.dumps`` (e.g. ``indent=2``)."""
         return json.dumps(self.to_dict(), **dumps)
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "spec") -> Intervention:
+        """Parse and validate :meth:`to_dict`'s form (also specs written by earlier versions, see the
+        module docstring); raises :class:`SpecError` naming ``where`` and the offending part or field."""
         if not isinstance(data, Mapping) or set(data) != {"interventions"} or not isinstance(data["interventions"], list):
             raise SpecError(f"{where}: expected {{\"interventions\": [...]}}, got keys {sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
         return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(data["interventions"])))
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "spec") -> Intervention:
+        """:meth:`from_dict` of a JSON string; invalid JSON is a :class:`SpecError` with line and column."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -213,6 +254,7 @@ class Intervention:
 
     @classmethod
     def read(cls, path: str) -> Intervention:
+        """:meth:`from_json` of the file at ``path`` (UTF-8); errors name the file."""
         from pathlib import Path
 
         return cls.from_json(Path(path).read_text(), where=str(path))
@@ -226,10 +268,10 @@ def _part_from_dict(item: Any, where: str) -> Part:
         raise SpecError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(_KINDS)}")
     constructor = _CONSTRUCTORS[kind]
     arguments = {k: v for k, v in item.items() if k != "kind"}
-    allowed = {f.name for f in fields(_KINDS[kind])}
-    unknown = sorted(set(arguments) - allowed)
+    current = {f.name for f in fields(_KINDS[kind])}
+    unknown = sorted(set(arguments) - current - _LEGACY_FIELDS.get(kind, set()))
     if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(allowed))}")
+        raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(current))}")
     try:
         (part,) = constructor(**arguments).parts
     except TypeError as error:
@@ -238,13 +280,38 @@ def _part_from_dict(item: Any, where: str) -> Part:
 
 
 # --- constructors: the public way to build specs; they validate what needs no model ---------------
-def disable(experts: ExpertsByLayer, *, mode: Literal["reroute", "drop"] = "reroute", renormalize: bool = False, tokens: Any = "all") -> Intervention:
-    """Disable experts per layer, e.g. ``disable({3: [5, 9]})``. See :class:`Disable`."""
-    if mode not in ("reroute", "drop"):
-        raise SpecError(f"disable: mode={mode!r}; use 'reroute' (next-best expert fills in) or 'drop' (contributes nothing)")
-    if renormalize and mode == "reroute":
-        raise SpecError("disable: renormalize applies to mode='drop' only (reroute keeps a full set of experts)")
-    return Intervention((Disable(experts=_experts(experts, "disable"), mode=mode, renormalize=bool(renormalize), tokens=_scope(tokens)),))
+def disable(experts: ExpertsByLayer, *, mode: DisableMode | Literal["reroute", "drop"] = Reroute(), tokens: Any = "all") -> Intervention:
+    """Disable experts per layer, e.g. ``disable({3: [5, 9]})`` or ``disable({3: [5]}, mode=Drop(renormalize=True))``.
+
+    ``experts``: {layer index: expert ids} (decoder-layer indices, experts 0..E-1). ``mode``: :class:`Reroute`
+    (default) or :class:`Drop`; the strings ``"reroute"`` and ``"drop"`` stand for ``Reroute()`` and ``Drop()``.
+    ``tokens``: "all", "prompt", "generated" or token positions. See :class:`Disable`.
+    """
+    return Intervention((Disable(experts=_experts(experts, "disable"), mode=_mode(mode), tokens=_scope(tokens)),))
+
+
+def _mode(mode: Any) -> DisableMode:
+    """A disable mode from a mode object, its name, or its JSON object."""
+    built: Any = None
+    if isinstance(mode, (Reroute, Drop)):
+        built = mode
+    elif isinstance(mode, str) and mode in _MODES:
+        built = _MODES[mode]()
+    elif isinstance(mode, Mapping) and mode.get("kind") in _MODES:  # the JSON form
+        arguments = {k: v for k, v in mode.items() if k != "kind"}
+        try:
+            built = _MODES[mode["kind"]](**arguments)
+        except TypeError:
+            allowed = [f.name for f in fields(_MODES[mode["kind"]])]
+            raise SpecError(f"disable: mode {dict(mode)!r} has unknown fields; a {mode['kind']!r} mode takes {allowed or 'none'}") from None
+    if built is not None:
+        if not isinstance(getattr(built, "renormalize", False), bool):
+            raise SpecError(f"disable: mode {mode!r}: renormalize must be True or False")
+        return built
+    raise SpecError(
+        f"disable: mode={mode!r}; use Reroute() or 'reroute' (next-best expert fills in), "
+        "or Drop(renormalize=...) or 'drop' (contributes nothing)"
+    )
 
 
 def force(experts: ExpertsByLayer, *, tokens: Any = "all") -> Intervention:
@@ -305,7 +372,7 @@ def _from_fields(kind: str) -> Any:
     def build(**kw: Any) -> Intervention:
         tokens = kw.pop("tokens", "all")
         if kind == "disable":
-            return disable(kw.pop("experts", {}), tokens=tokens, **kw)
+            return disable(kw.pop("experts", {}), mode=_legacy_mode(kw.pop("mode", "reroute"), kw), tokens=tokens, **kw)
         if kind == "force":
             return force(kw.pop("experts", {}), tokens=tokens, **kw)
         if kind == "reweight":
@@ -323,6 +390,23 @@ def _from_fields(kind: str) -> Any:
         return prune(kw.pop("keep", {}), **kw)
 
     return build
+
+
+def _legacy_mode(mode: Any, fields_left: dict[str, Any]) -> Any:
+    """A disable part's mode from JSON. Before modes were typed a spec said ``"mode": "drop",
+    "renormalize": true``; that form loads as ``Drop(renormalize=True)``."""
+    if "renormalize" not in fields_left:
+        return mode
+    renormalize = fields_left.pop("renormalize")
+    if mode == "drop" and isinstance(renormalize, bool):
+        return Drop(renormalize=renormalize)
+    if mode == "reroute" and renormalize is False:
+        return Reroute()
+    raise SpecError(
+        f"disable: the old fields mode={mode!r}, renormalize={renormalize!r} do not describe a mode "
+        "(renormalize applies to dropping only); write \"mode\": {\"kind\": \"drop\", \"renormalize\": true} "
+        "or \"mode\": {\"kind\": \"reroute\"}"
+    )
 
 
 _CONSTRUCTORS = {kind: _from_fields(kind) for kind in _KINDS}

@@ -263,6 +263,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table style='border-collapse:collapse;color:inherit'><tr>{head}</tr>{body}</table>"
 
 
+def _counted_text(counted: Mapping[str, object]) -> str:
+    """A :meth:`TokenFilter.describe` record in words, e.g. ``prompt tokens; special tokens excluded (ids [0, 1])``."""
+    kinds = {"all": "prompt and generated tokens", "prompt": "prompt tokens", "generated": "generated tokens"}
+    parts = [kinds.get(str(counted.get("kind")), str(counted.get("kind"))), f"special tokens {counted.get('special')}"]
+    if counted.get("positions") is not None:
+        start, stop = counted["positions"]  # type: ignore[misc]
+        parts.append(f"positions {start} to {'the end' if stop is None else stop - 1}")
+    return "; ".join(parts)
+
+
 def card_html(card: ExpertCard) -> str:
     """The card as an HTML fragment (class ``moelens-card``); every text from the trace or a table
     is HTML-escaped exactly once, and the chosen token of each context is marked (``moelens-chosen``)."""
@@ -273,7 +283,7 @@ def card_html(card: ExpertCard) -> str:
         f"<div class='moelens-card-load'>load: {_number(card.share, '.1%')} of the routing slots at layer {card.layer} "
         f"({card.selections} of {card.slots}); chosen by {card.selections} of {card.tokens} tokens ({_number(card.frequency, '.1%')})"
         f"; mean weight {_number(card.mean_weight, '.3f')}</div>",
-        f"<div style='opacity:0.75;font-size:12px'>tokens counted: {e('; '.join(f'{key} {value}' for key, value in card.counted.items()))}</div>",
+        f"<div style='opacity:0.75;font-size:12px'>tokens counted: {e(_counted_text(card.counted))}</div>",
     ]
     if card.contrasts:
         rows = [

@@ -8,7 +8,7 @@ whole. It answers what the view in :mod:`moelens.widgets.explorer_view` draws:
 * the prompt's tokens as readable text (:mod:`moelens.widgets.tokens`);
 * every token's experts, weights and (when the trace recorded router logits) router
   probabilities at every MoE layer (:meth:`RoutingExplorerState.decisions`, :meth:`~RoutingExplorerState.describe`);
-* a categorical colour per expert at the selected layer (:meth:`~RoutingExplorerState.colours`);
+* a categorical colour per expert at the selected layer (:meth:`~RoutingExplorerState.colors`);
 * with a second trace of the same prompts (e.g. steered vs baseline), aligned on
   (prompt_id, position): every changed decision (:meth:`~RoutingExplorerState.changes`) and the
   fraction of positions whose expert set changed, per layer (:meth:`~RoutingExplorerState.layer_changes`).
@@ -36,7 +36,7 @@ PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
 )
 PALETTE_ALPHA = 0.55
 PALETTE: tuple[str, ...] = tuple(f"rgba({r}, {g}, {b}, {PALETTE_ALPHA})" for r, g, b in PALETTE_RGB)
-OTHER_COLOUR = "var(--jp-layout-color3, #bdbdbd)"  # experts beyond the palette share one neutral colour
+OTHER_COLOR = "var(--jp-layout-color3, #bdbdbd)"  # experts beyond the palette share one neutral colour
 _LISTED_IDS = 20  # prompt ids named in an error message
 
 
@@ -241,12 +241,12 @@ class RoutingExplorerState:
         choices = prompt.routing.get((position, self._layer), ())
         return choices[0].expert if choices else None
 
-    def colours(self) -> dict[int, str]:
+    def colors(self) -> dict[int, str]:
         """{expert: CSS colour} for the rank-0 experts at the selected layer in the shown prompt.
 
         Experts are ordered by how many of the prompt's tokens (both traces together) chose them
         first, most first (ties: lower id first); the first ``len(PALETTE)`` get the palette's
-        colours in that order, the rest :data:`OTHER_COLOUR`. Both traces share the assignment,
+        colours in that order, the rest :data:`OTHER_COLOR`. Both traces share the assignment,
         so an expert has one colour on both sides of a comparison.
         """
         counts: Counter[int] = Counter()
@@ -256,7 +256,7 @@ class RoutingExplorerState:
                 if expert is not None:
                     counts[expert] += 1
         ordered = sorted(counts, key=lambda expert: (-counts[expert], expert))
-        return {expert: PALETTE[i] if i < len(PALETTE) else OTHER_COLOUR for i, expert in enumerate(ordered)}
+        return {expert: PALETTE[i] if i < len(PALETTE) else OTHER_COLOR for i, expert in enumerate(ordered)}
 
     # --- comparison -----------------------------------------------------------------------------
     def changes(self) -> set[tuple[int, int]]:

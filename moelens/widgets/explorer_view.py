@@ -19,7 +19,7 @@ try:
 except ImportError as error:
     raise ImportError("the routing explorer needs ipywidgets: pip install 'moelens[notebook]'") from error
 
-from moelens.widgets.explorer import OTHER_COLOUR, RoutingExplorerState, Token
+from moelens.widgets.explorer import OTHER_COLOR, RoutingExplorerState, Token
 
 if TYPE_CHECKING:
     from moelens.store import Trace
@@ -87,26 +87,26 @@ class RoutingExplorer(widgets.VBox):
 def explorer_html(state: RoutingExplorerState) -> str:
     """The explorer's HTML for the state's prompt and layer: legend, (with a second trace) the
     per-layer changed bars, and the tokens (aligned with the second trace's, when there is one)."""
-    colours = state.colours()
-    parts = [legend_html(state, colours)]
+    colors = state.colors()
+    parts = [legend_html(state, colors)]
     if state.other is not None:
-        parts += [changed_bars_html(state), aligned_html(state, colours)]
+        parts += [changed_bars_html(state), aligned_html(state, colors)]
     else:
-        tokens = "".join(token_html(state, token, colours) for token in state.tokens)
+        tokens = "".join(token_html(state, token, colors) for token in state.tokens)
         parts.append(f"<div class='moelens-tokens' style='{_FLOW}'>{tokens}</div>")
     return f"<div class='moelens-explorer-view' style='{_TEXT}'>{_STYLE}{''.join(parts)}</div>"
 
 
-def token_html(state: RoutingExplorerState, token: Token, colours: dict[int, str], *, other: bool = False) -> str:
+def token_html(state: RoutingExplorerState, token: Token, colors: dict[int, str], *, other: bool = False) -> str:
     """One token of the trace (of the second trace with ``other``) as a ``moelens-token``: its
-    background is ``colours[its first-choice expert at the state's layer]``, it is outlined
+    background is ``colors[its first-choice expert at the state's layer]``, it is outlined
     (``moelens-token-changed``) when its expert set changed there, hovering shows
     :meth:`~RoutingExplorerState.describe` and a click (focus) shows the same text (``moelens-token-detail``).
     With a second trace (the aligned columns) a newline shows as ``↵``; the column ends the line."""
     expert = state.top_expert(token.position, other=other)
-    colour = colours.get(expert, OTHER_COLOUR) if expert is not None else "transparent"
+    color = colors.get(expert, OTHER_COLOR) if expert is not None else "transparent"
     classes = ["moelens-token"]
-    style = f"{_TOKEN};background:{colour}"
+    style = f"{_TOKEN};background:{color}"
     if state.other is not None and state.decision(token.position).changed:
         classes.append("moelens-token-changed")
         style += f";{_CHANGED}"
@@ -123,14 +123,14 @@ def token_html(state: RoutingExplorerState, token: Token, colours: dict[int, str
     )
 
 
-def aligned_html(state: RoutingExplorerState, colours: dict[int, str]) -> str:
+def aligned_html(state: RoutingExplorerState, colors: dict[int, str]) -> str:
     """Both traces' tokens in columns, one per position: the trace's on top, the second's below;
     a column whose two tokens differ (or where one trace has none) is underlined."""
     empty = "<span style='opacity:0.4'>∅</span>"
     columns = []
     for aligned in state.aligned():
         sides = (aligned.token, aligned.other)
-        cells = [token_html(state, token, colours, other=side == 1) if token is not None else empty for side, token in enumerate(sides)]
+        cells = [token_html(state, token, colors, other=side == 1) if token is not None else empty for side, token in enumerate(sides)]
         differs = ";border-bottom:2px dotted var(--jp-warn-color0, #e65100)" if aligned.differs else ""
         column = (
             f"<span class='moelens-column' style='display:inline-flex;flex-direction:column;vertical-align:top;margin:0 1px 6px 0{differs}'>"
@@ -145,13 +145,13 @@ def aligned_html(state: RoutingExplorerState, colours: dict[int, str]) -> str:
     )
 
 
-def legend_html(state: RoutingExplorerState, colours: dict[int, str]) -> str:
+def legend_html(state: RoutingExplorerState, colors: dict[int, str]) -> str:
     """A swatch per expert colour at the state's layer (experts beyond the palette share the last, grey, swatch)."""
     swatch = "display:inline-block;min-width:28px;padding:0 4px;margin:2px;border-radius:3px;text-align:center"
-    named = [f"<span style='{swatch};background:{colour}'>e{expert}</span>" for expert, colour in colours.items() if colour != OTHER_COLOUR]
-    others = [expert for expert, colour in colours.items() if colour == OTHER_COLOUR]
+    named = [f"<span style='{swatch};background:{color}'>e{expert}</span>" for expert, color in colors.items() if color != OTHER_COLOR]
+    others = [expert for expert, color in colors.items() if color == OTHER_COLOR]
     if others:
-        named.append(f"<span style='{swatch};background:{OTHER_COLOUR}'>other ({len(others)} experts)</span>")
+        named.append(f"<span style='{swatch};background:{OTHER_COLOR}'>other ({len(others)} experts)</span>")
     changed = f"; <span style='{_CHANGED};padding:0 4px'>changed</span> expert set at L{state.layer}" if state.other is not None else ""
     return (
         f"<div class='moelens-legend' style='font-size:13px'>first-choice expert at L{state.layer}: {''.join(named)}"

@@ -164,7 +164,7 @@ class CellScores:
         """The largest absolute score (the end of the colour scale); 0 for no scores."""
         return max((abs(score) for score in self.values.values()), default=0.0)
 
-    def colour(self, layer: int, expert: int) -> str | None:
+    def color(self, layer: int, expert: int) -> str | None:
         """The cell's background as a CSS ``rgb(...)``, or ``None`` when the cell has no score.
 
         Signed scores: blue (negative) through white (0) to red (positive), scaled by :attr:`limit`.
@@ -182,7 +182,7 @@ class CellScores:
         return f"rgb({red}, {green}, {blue})"
 
 
-def text_colour(background: str) -> str:
+def text_color(background: str) -> str:
     """Black or white, whichever reads better on an ``rgb(r, g, b)`` background."""
     red, green, blue = (int(part) for part in background[background.index("(") + 1 : -1].split(","))
     return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"

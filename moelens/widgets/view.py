@@ -30,7 +30,7 @@ from moelens.widgets.state import (
     ExpertGridState,
     GenerationProgress,
     PromptComparison,
-    text_colour,
+    text_color,
     token_diff,
 )
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"on": "var(--jp-layout-color2, #e8e8e8)", "disabled": "#d9534f", "forced": "#3d8b3d", "boosted": "#e08e0b"}
+COLORS = {"on": "var(--jp-layout-color2, #e8e8e8)", "disabled": "#d9534f", "forced": "#3d8b3d", "boosted": "#e08e0b"}
 _ON_TEXT = "var(--jp-ui-font-color1, black)"
 SELECT = "select"  # the brush that selects a cell (and opens its card) instead of painting it
 _SELECTED_BORDER = "2px solid var(--jp-brand-color1, #1976d2)"
@@ -219,9 +219,9 @@ class ExpertGrid(widgets.VBox):
         shading = state.shading
         for (layer, expert), button in self.cells.items():
             mode = state.mode(layer, expert)
-            shade = shading.colour(layer, expert) if shading is not None and mode == "on" else None
-            button.style.button_color = shade or COLOURS[mode]
-            button.style.text_color = text_colour(shade) if shade else (_ON_TEXT if mode == "on" else "white")
+            shade = shading.color(layer, expert) if shading is not None and mode == "on" else None
+            button.style.button_color = shade or COLORS[mode]
+            button.style.text_color = text_color(shade) if shade else (_ON_TEXT if mode == "on" else "white")
             button.layout.border = _SELECTED_BORDER if (layer, expert) in selection else ""
             score = shading.values.get((layer, expert)) if shading is not None else None
             button.tooltip = f"layer {layer}, expert {expert}: {mode}" + (f"; {shading.name} {score:.4g}" if score is not None else "")
@@ -270,10 +270,11 @@ class ExpertGrid(widgets.VBox):
         self._run_message = ""
         self.progress.max, self.progress.value = 2 * len(prompts), 0
         self.progress.layout.visibility = "visible"
-        self._worker = threading.Thread(target=self._run, args=(prompts, references, self.max_new_tokens.value), daemon=True)
-        self._worker.start()
-        self._set_busy(True)
-        return self._worker
+        worker = threading.Thread(target=self._run, args=(prompts, references, self.max_new_tokens.value), daemon=True)
+        self._worker = worker  # the worker clears it when done, maybe before this method returns
+        self._set_busy(True)  # before start: a quick run's own "not busy" must come last
+        worker.start()
+        return worker
 
     def cancel(self) -> None:
         """Stop the running generation after its current token."""
@@ -321,7 +322,7 @@ def _error_html(error: BaseException | str) -> str:
 def legend_html(shading: CellScores | None) -> str:
     """The grid's legend: a swatch per mode, and the shading's scale when the grid is shaded."""
     swatch = "display:inline-block;width:14px;height:14px;margin:0 4px 0 10px;vertical-align:middle;border:1px solid var(--jp-border-color1, #999)"
-    items = "".join(f"<span style='{swatch};background:{COLOURS[mode]}'></span>{mode}" for mode in MODES)
+    items = "".join(f"<span style='{swatch};background:{COLORS[mode]}'></span>{mode}" for mode in MODES)
     items += f"<span style='{swatch};border:{_SELECTED_BORDER}'></span>selected"
     if shading is not None and shading.values:
         low = -shading.limit if shading.signed else 0.0
@@ -340,7 +341,7 @@ def spec_html(state: ExpertGridState) -> str:
     data = base64.b64encode(text.encode()).decode()
     return (
         "<details><summary>intervention spec (JSON)</summary>"
-        f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+        f"<pre style='white-space:pre-wrap'>{html.escape(text, quote=False)}</pre>"
         f"<a download='moelens-spec.json' href='data:application/json;base64,{data}'>download spec.json</a></details>"
     )
 

@@ -28,10 +28,11 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moelens.zoo.corpus import DOMAINS, read_split
+from moelens.training.corpus import DOMAINS, read_split
 
 if TYPE_CHECKING:
     import torch
@@ -54,29 +55,43 @@ MODEL_SHAPE = {  # Qwen3MoeConfig fields of moelens-tiny; the card quotes these 
 }
 
 
-def train_tiny(
-    corpus_dir: Path,
-    out_dir: Path,
-    *,
-    token_budget: int = 6_000_000,
-    seed: int = 0,
-    seq_len: int = 256,
-    windows_per_domain: int = 2,
-    lr: float = 2e-3,
-    lb_coef: float = 0.01,
-    eval_every: int = 100,
-    experts_implementation: str = "grouped_mm",
-) -> dict:
-    """Train tokenizer and model on the corpus built by :func:`moelens.zoo.corpus.build_corpus`.
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions:
+    """The knobs of :func:`train_tiny`; the defaults are the recipe of the shipped ``moelens-tiny``.
 
-    ``token_budget`` counts training tokens (BOS included); a step sees
-    ``len(DOMAINS) * windows_per_domain * seq_len`` of them. ``lb_coef`` weighs the Switch
-    load-balancing loss of each layer. Writes the checkpoint and ``training_log.json`` into
-    ``out_dir`` and returns the log's content.
+    token_budget: training tokens (BOS included); a step sees ``len(DOMAINS) * windows_per_domain * seq_len``.
+    seed: torch and numpy seed (weights, window sampling).
+    seq_len: tokens per training window (and per held-out evaluation window).
+    windows_per_domain: windows of every domain in each step's batch.
+    lr: AdamW peak learning rate (linear warm-up, cosine decay to 10%).
+    lb_coef: weight of the Switch load-balancing loss of each layer (summed over layers).
+    eval_every: steps between held-out evaluations (and the last step).
+    experts_implementation: transformers experts implementation used for training.
+    """
+
+    token_budget: int = 6_000_000
+    seed: int = 0
+    seq_len: int = 256
+    windows_per_domain: int = 2
+    lr: float = 2e-3
+    lb_coef: float = 0.01
+    eval_every: int = 100
+    experts_implementation: str = "grouped_mm"
+
+
+def train_tiny(corpus_dir: Path, out_dir: Path, *, options: TrainingOptions = TrainingOptions()) -> dict:
+    """Train tokenizer and model on the corpus built by :func:`moelens.training.corpus.build_corpus`.
+
+    Runs as ``options`` say (:class:`TrainingOptions`). Writes the checkpoint (bfloat16) and
+    ``training_log.json`` into ``out_dir`` and returns the log's content.
     """
     import numpy as np
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    token_budget, seed, seq_len, lr = options.token_budget, options.seed, options.seq_len, options.lr
+    windows_per_domain, lb_coef, eval_every = options.windows_per_domain, options.lb_coef, options.eval_every
+    experts_implementation = options.experts_implementation
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
@@ -196,7 +211,8 @@ def per_layer_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_e
 
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus_dir: Path, domain: str, *,
                     n_windows: int, seq_len: int = 256) -> list[list[int]]:
-    """Up to ``n_windows`` BOS-led windows spread evenly over the domain's held-out stream."""
+    """Up to ``n_windows`` BOS-led windows (token-id lists of ``seq_len`` ids) spread evenly over the domain's
+    held-out stream."""
     stream = _token_stream(tokenizer, read_split(corpus_dir, "heldout", domain))
     n_full = max(1, len(stream) // (seq_len - 1))
     starts = sorted({int(i * n_full / n_windows) * (seq_len - 1) for i in range(n_windows)})
@@ -204,7 +220,8 @@ def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus_dir: Path, domain
 
 
 def evaluate(model, windows: dict[str, list[list[int]]]) -> dict[str, float]:
-    """Mean next-token cross-entropy per domain (windows of a domain must share one length)."""
+    """Mean next-token cross-entropy per domain, in nats per token over every position of the windows
+    (windows of a domain must share one length)."""
     import torch
 
     was_training = model.training
@@ -246,8 +263,9 @@ def _lr_factor(step: int, warmup: int, n_steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelens.zoo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", type=Path, required=True, help="folder written by moelens.zoo.corpus")
+    """Command line: train moelens-tiny (re-executes itself once with the allocator variables); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m moelens.training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, required=True, help="folder written by moelens.training.corpus")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--tokens", type=int, default=6_000_000, help="training token budget")
     parser.add_argument("--seed", type=int, default=0)
@@ -257,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()) and not os.environ.get("MOELENS_NO_REEXEC"):
         # glibc reads MALLOC_* only at start-up: start again with them set (once).
         argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, "-m", "moelens.zoo.train", *argv],
+        os.execve(sys.executable, [sys.executable, "-m", "moelens.training.train", *argv],
                   {**os.environ, **MALLOC_ENV, "MOELENS_NO_REEXEC": "1"})
-    log = train_tiny(args.corpus, args.out, token_budget=args.tokens, seed=args.seed,
-                     lb_coef=args.lb_coef, eval_every=args.eval_every)
+    options = TrainingOptions(token_budget=args.tokens, seed=args.seed, lb_coef=args.lb_coef, eval_every=args.eval_every)
+    log = train_tiny(args.corpus, args.out, options=options)
     print(f"trained {log['tokens_trained']} tokens in {log['train_seconds']}s; "
           f"final held-out CE {log['curve'][-1]['heldout_ce']}")
     return 0

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from moelens.zoo.corpus import DOMAINS, arith_answer, arith_equation
+from moelens.training.corpus import DOMAINS, arith_answer, arith_equation
 
 MARKERS = ("def", "return", "#include", "=")
 PER_DOMAIN = 100
@@ -257,7 +257,8 @@ def _arith_tasks(rng: random.Random) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelens.zoo.probes", description=__doc__.split("\n")[0])
+    """Command line: write the probe sets; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m moelens.training.probes", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/probes"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="tokenizer folder for exact token lengths (e.g. data/models/moelens-tiny)")

@@ -269,7 +269,8 @@ def _write_jsonl(path: Path, texts: Iterable[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelens.zoo.corpus", description=__doc__.split("\n")[0])
+    """Command line: build the corpus; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m moelens.training.corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (outside the repository)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not apt-get missing man pages")

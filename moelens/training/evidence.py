@@ -26,18 +26,37 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moelens.analysis._profiling_experts import TokenBatch
+from moelens.analysis.super_experts import SinkMass
 from moelens.hooks.adapters import moe_view
 from moelens.interventions import disable, intervene
 from moelens.loading import shipped_path
-from moelens.zoo.corpus import DOMAINS
+from moelens.training.corpus import DOMAINS
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvidenceOptions:
+    """The knobs of :func:`evidence` (defaults: the numbers the model card quotes).
+
+    n_windows: held-out corpus windows per domain (with a corpus only).
+    seq_len: tokens per held-out window (with a corpus only).
+    n_ablate: experts disabled per layer in each ablation (targeted and random).
+    seeds: random-ablation draws.
+    """
+
+    n_windows: int = 24
+    seq_len: int = 256
+    n_ablate: int = 2
+    seeds: int = 10
 
 
 def evidence(
@@ -46,18 +65,18 @@ def evidence(
     *,
     out_dir: Path | None = None,
     probes: Path | None = None,
-    n_windows: int = 24,
-    seq_len: int = 256,
-    n_ablate: int = 2,
-    seeds: int = 10,
+    options: EvidenceOptions = EvidenceOptions(),
 ) -> dict:
     """Measure the specialization evidence of the model in ``model_dir``.
 
-    With ``corpus_dir``, texts are ``n_windows`` held-out windows of ``seq_len`` tokens per
-    domain; without it, the prompts of ``probes``. Either way the first half of each domain's
-    texts selects experts and the second half measures losses. Results are written to
-    ``out_dir`` (default: ``model_dir``) as ``evidence-heldout.*`` or ``evidence-probes.*``.
+    With ``corpus_dir``, texts are ``options.n_windows`` held-out windows of ``options.seq_len``
+    tokens per domain; without it, the prompts of ``probes`` (default: the shipped
+    ``domains.jsonl``). Either way the first half of each domain's texts selects experts and the
+    second half measures losses; every real token counts (BOS included, padding not). Results are
+    written to ``out_dir`` (default: ``model_dir``) as ``evidence-heldout.*`` or
+    ``evidence-probes.*`` and returned as a dict (losses in nats per token).
     """
+    n_windows, seq_len, n_ablate, seeds = options.n_windows, options.seq_len, options.n_ablate, options.seeds
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,7 +136,7 @@ def load_domain_texts(tokenizer, corpus_dir: Path | None, probes: Path, *, n_win
                       seq_len: int) -> tuple[dict[str, list[list[int]]], str]:
     """Token ids (BOS first) per domain, and a description of where they came from."""
     if corpus_dir is not None:
-        from moelens.zoo.train import heldout_windows
+        from moelens.training.train import heldout_windows
 
         texts = {d: heldout_windows(tokenizer, corpus_dir, d, n_windows=n_windows, seq_len=seq_len) for d in DOMAINS}
         return texts, f"held-out corpus windows ({n_windows} x {seq_len} tokens per domain) from {corpus_dir}"
@@ -127,23 +146,32 @@ def load_domain_texts(tokenizer, corpus_dir: Path | None, probes: Path, *, n_win
 
 
 def routing_counts(model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> np.ndarray:
-    """How often each expert is in the top-k, as an int array ``[layers, experts]`` (pads excluded)."""
+    """How often each expert is among a token's top-k: int array ``[decoder layers, experts]``, 0 for dense layers.
+
+    ``seqs``: token ids (BOS first); every real token counts, BOS included, padding not. The counts are
+    :func:`moelens.analysis.expert_frequency`'s ``selections`` over all tokens, special ones included.
+    """
     import numpy as np
     import torch
 
+    from moelens.analysis.stats import expert_frequency
+    from moelens.analysis.token_filter import TokenFilter
     from moelens.tracer import trace
 
-    num_layers, num_experts = model.config.num_hidden_layers, model.config.num_experts
+    view = moe_view(model)
+    counts = np.zeros((view.num_decoder_layers, max(layer.num_experts for layer in view.layers)), dtype=np.int64)
     with torch.no_grad(), trace(model) as tracer:
         for ids, mask in _batches(seqs, batch_size, model.config.pad_token_id):
             model(input_ids=ids, attention_mask=mask)
-    routes = tracer.arrow("routes")
-    key = routes["layer"].to_numpy().astype(np.int64) * num_experts + routes["expert"].to_numpy()
-    return np.bincount(key, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    frequency = expert_frequency(tracer, tokens=TokenFilter(kind="all", special=True))
+    counts[frequency["layer"].to_numpy(), frequency["expert"].to_numpy()] = frequency["selections"].to_numpy()
+    return counts
 
 
 def mean_loss(model, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> float:
-    """Token-weighted mean next-token cross-entropy over ``seqs`` (pads excluded)."""
+    """Token-weighted mean next-token cross-entropy (nats per token) over ``seqs`` (token ids): every real
+    next-token prediction counts, pads excluded; computed by :func:`moelens.evaluation.next_token_nll`, as the
+    super-experts analysis does."""
     import torch
 
     from moelens.evaluation import next_token_nll
@@ -196,7 +224,7 @@ def activation_stats(model, seqs: Sequence[Sequence[int]]) -> dict:
     captured: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
                for m in modules]
-    hidden, sink = [], []
+    hidden = []
     try:
         with torch.no_grad():
             ids, mask = next(_batches(seqs, len(seqs), model.config.pad_token_id))
@@ -213,10 +241,9 @@ def activation_stats(model, seqs: Sequence[Sequence[int]]) -> dict:
                        "max_abs": round(flat.max().item(), 3), "median_abs": round(flat.median().item(), 5),
                        "ratio": round((flat.max() / flat.median()).item(), 1),
                        "max_on_first_token": bool(where[1].item() == 0)})
-    for attn in out.attentions:  # [batch, heads, query, key]
-        on_first = attn[:, :, 1:, 0]
-        q_valid = valid[:, 1:].unsqueeze(1).expand_as(on_first)
-        sink.append(round(on_first[q_valid].mean().item(), 4))
+    sinks = SinkMass()  # the super-experts analysis' measurement; per layer here, the mean over heads
+    sinks.add(out.attentions, TokenBatch.from_ids(ids, mask))
+    sink = [round(v, 4) for v in sinks.frame().groupby("layer")["sink_mass"].mean().tolist()]
     massive = any(h["max_abs"] > 100 and h["ratio"] > 1000 for h in hidden)
     return {"hidden_states": hidden, "massive_activations": massive, "first_token_attention_mass": sink}
 
@@ -281,14 +308,16 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelens.zoo.evidence", description=__doc__.split("\n")[0])
+    """Command line: measure and print the evidence tables; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m moelens.training.evidence", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=shipped_path("models", "moelens-tiny"))
     parser.add_argument("--corpus", type=Path, help="corpus folder; without it the probe prompts are used")
     parser.add_argument("--probes", type=Path, default=shipped_path("probes", "domains.jsonl"))
     parser.add_argument("--out", type=Path, help="where to write evidence-*.json/md (default: the model folder)")
     parser.add_argument("--seeds", type=int, default=10, help="random-ablation seeds (at least 5)")
     args = parser.parse_args(argv)
-    result = evidence(args.model, args.corpus, out_dir=args.out, probes=args.probes, seeds=max(5, args.seeds))
+    result = evidence(args.model, args.corpus, out_dir=args.out, probes=args.probes,
+                      options=EvidenceOptions(seeds=max(5, args.seeds)))
     sys.stdout.write(markdown(result))
     return 0
 
