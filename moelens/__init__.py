@@ -8,7 +8,9 @@ Public entry points::
     with moelens.trace(model, tokenizer=tokenizer) as tr:     # record routing decisions
         model.generate(**batch, max_new_tokens=16)
     tr.routes                                                  # one row per (prompt, position, layer, rank)
-    store = moelens.read_trace("runs/trace")                   # a store written by `moelens collect`
+    tr = moelens.trace(model, prompts=texts, tags={"domain": domains}, tokenizer=tokenizer)  # runs them now
+    store = moelens.scan_trace("runs/trace")                   # a store written by `moelens collect` (lazy)
+    # both are a moelens.Trace: .routes/.tokens/.prompts, .sql(), .to_pandas(); every analysis takes either
     with moelens.intervene(model, disable({2: [5]})): ...      # specs: moelens.interventions
     moelens.generate_contrast(model, tokenizer, prompts)       # SCMoE self-contrast decoding
 """
@@ -26,6 +28,8 @@ _LAZY = {
     "trace": "moelens.tracer",
     "Tracer": "moelens.tracer",
     "TraceError": "moelens.tracer",
+    "Trace": "moelens.store",
+    "scan_trace": "moelens.store",
     "read_trace": "moelens.store",
     "StoreError": "moelens.store",
     "intervene": "moelens.interventions",
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from moelens.interventions import intervene
     from moelens.interventions.contrast import generate_contrast
     from moelens.loading import load
-    from moelens.store import StoreError, read_trace
+    from moelens.store import StoreError, Trace, read_trace, scan_trace
     from moelens.tracer import TraceError, Tracer, trace
 
 

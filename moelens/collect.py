@@ -1,5 +1,9 @@
 """Batch trace collection (``moelens collect``): prompts in, a crash-safe trace store out.
 
+``collect`` takes a model name (loaded here) or a model object with its tokenizer, and a prompt
+file or records (dicts with ``text`` and tag fields). The tokenise-batch-trace loop,
+:func:`trace_records`, is shared with ``moelens.trace(model, prompts=[...])``.
+
 Prompts are split into fixed shards (``shard_size`` consecutive prompts); shard ``i`` belongs to
 rank ``i % world_size`` under torchrun. Each shard is traced batch by batch and written with
 :func:`moelens.store.write_shard` (temporary names, renamed when complete, marker last), so a run
@@ -15,7 +19,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +31,8 @@ from moelens.hooks.adapters import input_device, text_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from moelens.tracer import Tracer
 
 
 @dataclass(frozen=True)
@@ -65,17 +72,47 @@ def read_prompts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         raise PromptFileError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .jsonl, .csv or .parquet")
-    records = list(readers[suffix](path))
-    if not records:
+    located = list(readers[suffix](path))
+    if not located:
         raise PromptFileError(f"{path} holds no prompts: add one prompt per line (.txt) or record (.jsonl/.csv/.parquet)")
-    for row, (where, record) in enumerate(records):
+    return _checked_records(located, path)
+
+
+def prompt_records(prompts: Sequence[str | Mapping[str, Any]], tags: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+    """Records ``{"prompt_id", "text", <tags>...}`` from prompts given in Python, checked as
+    :func:`read_prompts` checks a file's.
+
+    ``prompts``: strings, or records (dicts with a ``text`` string, an optional ``id`` and tag
+    fields). ``tags``: {tag column: one value per prompt}, added to each record (a column that a
+    record already has is an error). ``prompt_id``: the ``id`` field, else the 0-based index.
+    """
+    if isinstance(prompts, (str, Mapping)):
+        raise PromptFileError("prompts must be a list of strings or records (dicts with a `text` field), not a single one")
+    located = [(f"prompt {i}", {"text": p} if isinstance(p, str) else dict(p)) for i, p in enumerate(prompts)]
+    if not located:
+        raise PromptFileError("no prompts given: pass at least one string or record")
+    for column, values in (tags or {}).items():
+        values = list(values)
+        if len(values) != len(located):
+            raise PromptFileError(f"tag {column!r} has {len(values)} values for {len(located)} prompts: give one value per prompt")
+        for (where, record), value in zip(located, values):
+            if column in record:
+                raise PromptFileError(f"{where}: tag {column!r} is both a field of the record and in tags=; give it once")
+            record[column] = value
+    return _checked_records(located, "prompts")
+
+
+def _checked_records(located: list[tuple[str, dict[str, Any]]], source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """``(where, record)`` pairs checked (a non-empty ``text`` string each) and given prompt ids
+    (``id`` field, else the row number); errors name ``source`` and ``where``."""
+    for row, (where, record) in enumerate(located):
         text = record.get("text")
         if not isinstance(text, str):
-            raise PromptFileError(f"{path}, {where}: no `text` field (a string) in {sorted(record)}")
+            raise PromptFileError(f"{source}, {where}: no `text` field (a string) in {sorted(record)}")
         if not text.strip():
-            raise PromptFileError(f"{path}, {where}: the prompt is empty; remove it or give it text")
+            raise PromptFileError(f"{source}, {where}: the prompt is empty; remove it or give it text")
         record.setdefault("id", row)
-    return with_prompt_ids([record for _, record in records], path)
+    return with_prompt_ids([record for _, record in located], source)
 
 
 def _read_text(path: Path, newline: str | None = None) -> io.StringIO:
@@ -204,53 +241,87 @@ def _repair_finished(out: Path, log: Any) -> set[str]:
 
 # --- collection ------------------------------------------------------------------------------
 def collect(
-    model_name: str,
-    prompts_path: str | os.PathLike[str],
+    model: str | Any,
+    prompts: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]],
     out: str | os.PathLike[str],
     options: CollectOptions = CollectOptions(),
     *,
+    tokenizer: Any = None,
     intervention: Any = None,
 ) -> store.StoredTrace:
-    """Trace every prompt of ``prompts_path`` through ``model_name`` into the store at ``out``.
+    """Trace every prompt through ``model`` into the store at ``out``.
+
+    Args:
+        model: a name :func:`moelens.load` accepts (loaded here, with ``options``' device, dtype and
+            placement), or a loaded model object; then ``tokenizer`` is required and the placement
+            options must be left unset (place the model yourself).
+        prompts: a prompt file (.txt, .jsonl, .csv, .parquet; see :func:`read_prompts`) or records
+            as :func:`prompt_records` takes them (strings, or dicts with ``text`` and tag fields).
+        out: the store directory to create (or continue with ``options.resume``).
+        tokenizer: the model object's tokenizer (refused with a name: the loader gives it). A
+            tokenizer without a pad token pads with its EOS token during the run.
+        intervention: an intervention spec applied while tracing (recorded in the manifest).
 
     Raises :class:`PromptFileError`, :class:`CollectError`, or the loader's errors, before
     anything is written where possible.
     """
     out = Path(out)
-    records = read_prompts(prompts_path)
+    named = isinstance(model, (str, os.PathLike))
+    if named and tokenizer is not None:
+        raise CollectError(f"tokenizer= goes with a loaded model object; with the name {str(model)!r} collect loads the model's own tokenizer: drop tokenizer=")
+    if not named:
+        _check_model_object(tokenizer, options)
+    from_file = isinstance(prompts, (str, os.PathLike))
+    records = read_prompts(prompts) if from_file else prompt_records(prompts)
+    source = str(prompts) if from_file else f"{len(records)} records given in Python"
     rank, world = _distributed_rank()
     lock = store.WriterLock(out)
     # one lock per store, held by rank 0 for the whole run; the other ranks learn its outcome
     _on_rank_zero(rank, world, lambda: open_for_writing(out, options.resume, lock))
     try:
-        return _collect_locked(model_name, records, prompts_path, out, options, intervention, rank, world)
+        if named:
+            model_name = str(model)
+            from moelens.loading import load
+
+            placement = {k: v for k, v in (("max_memory", options.max_memory), ("offload_folder", options.offload_folder)) if v is not None}
+            model, tokenizer = load(model, device=options.device, dtype=options.dtype, device_map=options.device_map, **placement)
+        else:
+            model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+        return _collect_locked(model, tokenizer, model_name, records, source, out, options, intervention, rank, world)
     finally:
         lock.release()
 
 
+def _check_model_object(tokenizer: Any, options: CollectOptions) -> None:
+    """Refuse what ``collect`` cannot do with a model it did not load."""
+    if tokenizer is None:
+        raise CollectError("collect(model, ...) with a model object needs its tokenizer: pass tokenizer= (moelens.load returns both)")
+    placement = [name for name in ("device", "dtype", "device_map", "max_memory", "offload_folder") if getattr(options, name) is not None]
+    if placement:
+        raise CollectError(
+            f"CollectOptions {placement} apply when collect loads the model by name; this model is already loaded: "
+            "place it yourself (model.to(...), or load it with those options) and leave them unset"
+        )
+
+
 def _collect_locked(
+    model: Any,
+    tokenizer: Any,
     model_name: str,
     records: list[dict[str, Any]],
-    prompts_path: str | os.PathLike[str],
+    source: str,
     out: Path,
     options: CollectOptions,
     intervention: Any,
     rank: int,
     world: int,
 ) -> store.StoredTrace:
-    from moelens.loading import load
-
-    placement = {k: v for k, v in (("max_memory", options.max_memory), ("offload_folder", options.offload_folder)) if v is not None}
-    model, tokenizer = load(model_name, device=options.device, dtype=options.dtype, device_map=options.device_map, **placement)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decode steps append on the right
-    _check_lengths(model, tokenizer, records, options)
+    check_lengths(model, tokenizer, records, max_new_tokens=options.max_new_tokens, truncate=options.truncate)
     if intervention is not None:
         from moelens.interventions.apply import bind
 
         bind(model, intervention)  # a spec that does not fit the model fails before anything is written
-    manifest = _manifest(model, tokenizer, model_name, records, prompts_path, options, intervention)
+    manifest = _manifest(model, tokenizer, model_name, records, source, options, intervention)
     if rank == 0:
         if options.resume and (out / store.MANIFEST).exists():
             _check_resume(out, manifest)
@@ -275,10 +346,10 @@ def _collect_locked(
         manifest.shards = store.finished_shards(out)
         store.write_manifest(out, manifest)
         _summary(out, stats, world)
-    return store.read_trace(out)
+    return store.scan_trace(out)
 
 
-def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[str, Any]], prompts_path: Any, options: CollectOptions, intervention: Any) -> store.Manifest:
+def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[str, Any]], source: str, options: CollectOptions, intervention: Any) -> store.Manifest:
     import hashlib
 
     import transformers
@@ -293,7 +364,7 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     prompts_sha = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
     collection = {
         k: v for k, v in asdict(options).items() if k not in ("resume", "progress", "device", "device_map", "max_memory", "offload_folder")
-    } | {"prompts": str(prompts_path), "prompts_sha": prompts_sha, "num_prompts": len(records)}
+    } | {"prompts": source, "prompts_sha": prompts_sha, "num_prompts": len(records)}
     return store.Manifest(
         model=str(model_name),
         config_hash=hashlib.sha256(config_json.encode()).hexdigest(),
@@ -308,59 +379,104 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     )
 
 
-def _check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], options: CollectOptions) -> None:
+def check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, max_new_tokens: int, truncate: bool) -> None:
+    """Refuse prompts longer than the model's context less ``max_new_tokens`` (a
+    :class:`CollectError` naming the first), or with ``truncate`` say that they will be cut."""
     config = text_config(model)
     context = int(getattr(config, "max_position_embeddings", 0) or 0)
     if not context or not records:
         return
-    limit = context - options.max_new_tokens
+    limit = context - max_new_tokens
     lengths = [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
     too_long = [(r["prompt_id"], n) for r, n in zip(records, lengths) if n > limit]
     if not too_long:
         return
     first_id, first_len = too_long[0]
-    if not options.truncate:
+    if not truncate:
         raise CollectError(
             f"{len(too_long)} prompt(s) are longer than the model's context allows: prompt {first_id!r} has "
-            f"{first_len} tokens, the limit is {limit} ({context} context - {options.max_new_tokens} new tokens). "
-            "They were refused; pass --truncate to cut them to the limit (keeping their beginning)."
+            f"{first_len} tokens, the limit is {limit} ({context} context - {max_new_tokens} new tokens). "
+            "They were refused; pass --truncate (truncate=True in Python) to cut them to the limit (keeping their beginning)."
         )
     _log(f"moelens: {len(too_long)} prompt(s) longer than {limit} tokens are truncated to their first {limit} tokens")
 
 
-def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: list[tuple[int, list[dict[str, Any]]]], out: Path, options: CollectOptions, rank: int) -> dict[str, float]:
+def trace_records(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 0,
+    truncate: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    **tracer_options: Any,
+) -> Tracer:
+    """Run ``records`` (``prompt_id``, ``text``, tags) through ``model`` under one tracer and
+    return it finished; its ``prompts`` table is ``records``.
+
+    The records are fed in order, ``batch_size`` per forward call, tokenized with left padding
+    (decode steps append on the right; padding is not recorded) and, with ``truncate``, cut to the
+    context less ``max_new_tokens``. ``max_new_tokens`` > 0: greedy ``generate`` of that many tokens
+    per prompt, traced too. ``on_batch(n)`` is called after each batch of ``n`` prompts;
+    ``tracer_options`` go to :class:`moelens.tracer.Tracer` (``full_logits``, ``layout``, ...).
+    """
     import torch
+
+    from moelens.tracer import Tracer
+
+    limit = int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30) - max_new_tokens
+    device = input_device(model)
+    tracer = Tracer(model, tokenizer=tokenizer, records=records, **tracer_options)
+    with torch.no_grad(), _padding(tokenizer) as pad_token_id, tracer:
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            encoded = tokenizer(
+                [r["text"] for r in batch], return_tensors="pt", padding=True, padding_side="left",
+                truncation=truncate, max_length=limit if truncate else None,
+            ).to(device)
+            if max_new_tokens:
+                model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+            else:
+                model(**encoded)
+            if on_batch is not None:
+                on_batch(len(batch))
+    return tracer
+
+
+@contextmanager
+def _padding(tokenizer: Any) -> Iterator[int]:
+    """The tokenizer's pad token id; a tokenizer without a pad token pads with its EOS meanwhile."""
+    if tokenizer.pad_token is not None:
+        yield tokenizer.pad_token_id
+        return
+    if tokenizer.eos_token is None:
+        raise CollectError("the tokenizer has neither a pad token nor an EOS token to pad batches with: set tokenizer.pad_token")
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield tokenizer.pad_token_id
+    finally:
+        tokenizer.pad_token = None
+
+
+def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: list[tuple[int, list[dict[str, Any]]]], out: Path, options: CollectOptions, rank: int) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    from moelens.tracer import trace
-
-    config = text_config(model)
-    limit = int(getattr(config, "max_position_embeddings", 0) or 1 << 30) - options.max_new_tokens
-    device = input_device(model)
     stats = {"prompts": 0, "tokens": 0, "events": 0, "seconds": 0.0}
     bar = tqdm(total=sum(len(s) for _, s in shards), unit="prompt", disable=not options.progress, desc=f"rank {rank}" if rank else "collect", file=sys.stderr)
     started = time.perf_counter()
     for index, records in shards:
-        parts: dict[str, list[pa.Table]] = {}
-        for start in range(0, len(records), options.batch_size):
-            batch = records[start : start + options.batch_size]
-            encoded = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=options.truncate, max_length=limit if options.truncate else None).to(device)
-            with torch.no_grad(), trace(model, tokenizer=tokenizer, full_logits=options.full_logits, prompt_ids=[r["prompt_id"] for r in batch], layout=layout) as tracer:
-                if options.max_new_tokens:
-                    model.generate(**encoded, max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                else:
-                    model(**encoded)
-            for name, table in tracer.tables().items():
-                parts.setdefault(name, []).append(table)
-            tokens = tracer.arrow("tokens").num_rows
-            stats["tokens"] += tokens
-            stats["events"] += tracer.arrow("routes").num_rows
-            stats["prompts"] += len(batch)
-            bar.update(len(batch))
-            bar.set_postfix(tokens_per_s=f"{stats['tokens'] / max(time.perf_counter() - started, 1e-9):.0f}")
-        parts["prompts"] = [prompts_table(records, layout)]
+        tracer = trace_records(
+            model, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+            truncate=options.truncate, on_batch=bar.update, full_logits=options.full_logits, layout=layout,
+        )
+        tables = tracer.tables()
+        stats["tokens"] += tables["tokens"].num_rows
+        stats["events"] += tables["routes"].num_rows
+        stats["prompts"] += len(records)
+        bar.set_postfix(tokens_per_s=f"{stats['tokens'] / max(time.perf_counter() - started, 1e-9):.0f}")
         try:
-            store.write_shard(out, index, {name: _concat(tables) for name, tables in parts.items()})
+            store.write_shard(out, index, tables)
         except OSError as error:
             raise CollectError(
                 f"writing {store.shard_name(index)} into {out} failed: {error.strerror or error}. That shard was left "
@@ -370,12 +486,6 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
     bar.close()
     stats["seconds"] = time.perf_counter() - started
     return stats
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    import pyarrow as pa
-
-    return pa.concat_tables(tables, promote_options="default")
 
 
 def prompts_table(records: list[dict[str, Any]], layout: store.StoreLayout) -> pa.Table:
@@ -389,7 +499,7 @@ def prompts_table(records: list[dict[str, Any]], layout: store.StoreLayout) -> p
 
 def _summary(out: Path, stats: dict[str, float], world: int) -> None:
     routes_bytes = sum(p.stat().st_size for p in (out / "routes").glob("shard-*.parquet"))
-    stored = store.read_trace(out)
+    stored = store.scan_trace(out)
     events = int(stored.sql("SELECT count(*) AS n FROM routes")["n"][0]) if stored.shards else 0
     seconds = max(stats["seconds"], 1e-9)
     _log(

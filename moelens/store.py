@@ -19,6 +19,19 @@ manifest says ``weights: false`` (analyses that need weights call :func:`require
 counts only once its marker exists: every Parquet file is written under a temporary name and
 renamed when complete, and the marker is renamed into place after all of them, so a killed writer
 leaves nothing that a reader or ``--resume`` mistakes for data.
+
+The trace protocol: :class:`Trace` is the one interface to routing data, whether recorded in
+memory (:func:`moelens.trace`, a :class:`moelens.tracer.Tracer`) or opened from a store
+(:func:`scan_trace`, a :class:`StoredTrace`). Every analysis in :mod:`moelens.analysis` takes any
+``Trace``. A trace has
+
+* ``routes``, ``tokens``, ``prompts`` (and ``logits`` when recorded): pandas DataFrames in the
+  schema above, read on first access and cached; ``prompts`` holds ``prompt_id``, ``text`` (null
+  where the trace was not given the text) and one column per tag (e.g. ``domain``);
+* ``to_pandas()``: every table, read now, as {name: DataFrame};
+* ``sql(query)``: DuckDB over views of the same names, nothing loaded first (``duckdb()``: the connection);
+* ``layers``: the MoE layer ids; ``experts``: routed experts per MoE layer;
+  ``special_token_ids``: the tokenizer's special ids (what token filters exclude).
 """
 
 from __future__ import annotations
@@ -335,18 +348,44 @@ def remove_shard(root: Path, name: str, *, quarantine: bool) -> None:
             path.unlink()
 
 
-class TraceTables:
-    """Routing tables, in memory or on disk, with the same interface.
+class Trace:
+    """A trace: the routing decisions a model made over prompts, in memory or on disk.
 
-    ``.routes``, ``.tokens``, ``.prompts`` (and ``.logits`` when recorded) are pandas DataFrames
-    (loaded on first access); ``.sql(query)`` runs DuckDB over views of the same names without
-    loading them into memory first.
+    The one interface every analysis takes (see the module docstring, "The trace protocol").
+    Subclasses: :class:`moelens.tracer.Tracer` (recorded in memory) and :class:`StoredTrace` (a
+    store on disk). A subclass provides :meth:`duckdb`, :meth:`table_names`, ``_load``,
+    :attr:`layers`, :attr:`experts` and :attr:`special_token_ids`.
     """
 
     def sql(self, query: str) -> pd.DataFrame:
+        """Run ``query`` (DuckDB SQL over the views ``routes``, ``tokens``, ``prompts``[, ``logits``])."""
         return self.duckdb().sql(query).df()
 
     def duckdb(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with one view per table (created on first call, then reused)."""
+        raise NotImplementedError
+
+    def table_names(self) -> list[str]:
+        """The tables this trace holds, in :data:`TABLES` order (``logits`` only when recorded)."""
+        raise NotImplementedError
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        """Every table of :meth:`table_names`, read into pandas now: {name: DataFrame}."""
+        return {name: getattr(self, name) for name in self.table_names()}
+
+    @property
+    def layers(self) -> list[int]:
+        """The MoE layer ids, in layer order (the model's numbering: dense layers are skipped)."""
+        raise NotImplementedError
+
+    @property
+    def experts(self) -> int:
+        """Routed experts per MoE layer: ``routes.expert`` lies in ``range(experts)``."""
+        raise NotImplementedError
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """The tokenizer's special token ids, sorted ([] when the trace does not know them)."""
         raise NotImplementedError
 
     def __getattr__(self, name: str) -> pd.DataFrame:
@@ -360,8 +399,8 @@ class TraceTables:
         raise NotImplementedError
 
 
-class StoredTrace(TraceTables):
-    """A trace store on disk (see :func:`read_trace`)."""
+class StoredTrace(Trace):
+    """A :class:`Trace` kept in a store on disk (see :func:`scan_trace`): tables are read lazily."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -373,6 +412,21 @@ class StoredTrace(TraceTables):
         """The Parquet files of ``table`` that belong to finished shards."""
         paths = [self.root / table / f"{name}.parquet" for name in self.shards]
         return [str(p) for p in paths if p.exists()]
+
+    def table_names(self) -> list[str]:
+        return [table for table in TABLES if self.files(table)]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest.moe_layers)
+
+    @property
+    def experts(self) -> int:
+        return self.manifest.layout.num_experts
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return sorted(self.manifest.special_token_ids)
 
     def duckdb(self) -> duckdb.DuckDBPyConnection:
         import duckdb
@@ -443,9 +497,17 @@ def _sql_list(items: Sequence[str]) -> str:
     return "[" + ", ".join("'" + item.replace("'", "''") + "'" for item in items) + "]"
 
 
-def read_trace(root: str | os.PathLike[str]) -> StoredTrace:
-    """Open the trace store at ``root`` (only finished shards are visible)."""
+def scan_trace(root: str | os.PathLike[str]) -> StoredTrace:
+    """Open the trace store at ``root`` lazily: only the manifest is read now; ``.sql()`` runs
+    DuckDB over views of the Parquet files, a table attribute (``.routes``) or ``.to_pandas()``
+    reads it into memory. Only finished shards are visible."""
     return StoredTrace(Path(root))
+
+
+def read_trace(root: str | os.PathLike[str]) -> StoredTrace:
+    """Alias of :func:`scan_trace`, kept for code written before it: it is just as lazy (nothing
+    is read but the manifest until a table or query asks for it)."""
+    return scan_trace(root)
 
 
 def routes_table(layout: StoreLayout, columns: Mapping[str, np.ndarray | Sequence[Any]]) -> pa.Table:

@@ -20,11 +20,18 @@ they pass ``max_device_bytes``: then the oldest move to (pinned) host memory dur
 asynchronously, so device memory stays flat however long the generation.
 A step in which a router or experts module that should have fired did not raises
 :class:`TraceError`, so a replaced or compiled forward cannot silently record nothing.
+
+A :class:`Tracer` is a :class:`moelens.store.Trace` (the protocol every analysis takes; see
+:mod:`moelens.store`). Its Arrow tables are built on first access, not when the block ends: the
+block itself only moves the condensed steps to the host and checks them for NaN, so a notebook's
+traced forward costs little more than a bare one. ``moelens.trace(model, prompts=[...])`` runs
+the forward passes itself (through :func:`moelens.collect.trace_records`, as ``collect`` does)
+and returns the finished trace, its ``prompts`` table carrying the prompts' tags.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +39,7 @@ from moelens.errors import TraceError
 from moelens.hooks import routing_check
 from moelens.hooks.adapters import MoeLayer, dense_routing, experts_routing, moe_layers, moe_view, router_logits
 from moelens.hooks.steps import StepTokens
-from moelens.store import StoreLayout, TraceTables, special_token_ids_of, widen_half_floats
+from moelens.store import StoreLayout, Trace, special_token_ids_of, widen_half_floats
 
 if TYPE_CHECKING:
     import duckdb
@@ -78,12 +85,15 @@ class _Session:
     ended: torch.Tensor | None = None  # [B] bool on the model's device: rows whose end token was fed
 
 
-class Tracer(TraceTables):
-    """Context manager recording routing decisions; see :func:`moelens.trace`.
+class Tracer(Trace):
+    """Context manager recording routing decisions: an in-memory :class:`~moelens.store.Trace`;
+    see :func:`moelens.trace`.
 
-    After the ``with`` block, ``.routes``, ``.tokens`` (and ``.logits`` with ``full_logits``) are
-    pandas DataFrames in the store schema, ``.arrow(name)`` gives the Arrow tables and ``.sql()``
-    queries them with DuckDB.
+    After the ``with`` block, ``.routes``, ``.tokens``, ``.prompts`` (and ``.logits`` with
+    ``full_logits``) are pandas DataFrames in the store schema, ``.arrow(name)`` gives the Arrow
+    tables (built on first access) and ``.sql()`` queries them with DuckDB. ``prompts`` holds one
+    row per prompt id the block met, in order: the ``records`` given (``prompt_id``, ``text``,
+    tags), or without them ``prompt_id`` and a null ``text``.
     """
 
     def __init__(
@@ -93,10 +103,15 @@ class Tracer(TraceTables):
         tokenizer: Any = None,
         full_logits: bool = False,
         prompt_ids: Sequence[Any] | None = None,
+        records: Sequence[Mapping[str, Any]] | None = None,
         layout: StoreLayout | None = None,
         end_token_ids: Collection[int] | None = None,
         max_device_bytes: int | None = DEFAULT_MAX_DEVICE_BYTES,
     ) -> None:
+        if records is not None:
+            if prompt_ids is not None:
+                raise ValueError("give the prompt ids either as prompt_ids or as the records' prompt_id, not both")
+            prompt_ids = [record["prompt_id"] for record in records]
         self.model = model
         self.max_device_bytes = max_device_bytes
         self.device_bytes = 0  # condensed routing data currently held on accelerators
@@ -104,14 +119,17 @@ class Tracer(TraceTables):
         self._end_token_ids = _end_token_ids(model, tokenizer, end_token_ids)
         self._layout = layout
         self.tokenizer = tokenizer
-        self.special_token_ids: list[int] = special_token_ids_of(tokenizer)
+        self._special_token_ids = special_token_ids_of(tokenizer)
         self.full_logits = full_logits
-        self.layers: list[MoeLayer] = moe_layers(model)
-        self._ranking = _ranking(model, self.layers)
+        self._moe_layers: list[MoeLayer] = moe_layers(model)
+        self._ranking = _ranking(model, self._moe_layers)
         self._stack = moe_view(model).stack
+        self._records = list(records) if records is not None else None
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
+        self._seen_prompt_ids: list[Any] = []  # in the order the block met them
         self._steps: list[_Recorded] = []
+        self._finished = False  # the block ended without error: the steps are on the host and checked
         self._cuda_devices: set[torch.device] = set()  # where recorded steps were condensed
         self._on_device = 0  # index of the oldest recorded step whose tensors are still on the device
         self._session: _Session | None = None
@@ -124,10 +142,15 @@ class Tracer(TraceTables):
     def __enter__(self) -> Tracer:
         if self._handles:
             raise TraceError("this tracer is already active; nested `with` on the same tracer is not supported")
+        if self._finished:
+            raise TraceError(
+                "this trace has finished recording (its `with` block ended, or trace() ran the prompts it was given); "
+                "read it as it is, or call moelens.trace(model) again for a new `with` block"
+            )
         try:
             self._handles.append(self._stack.register_forward_pre_hook(self._begin_step, with_kwargs=True))
             self._handles.append(self._stack.register_forward_hook(self._end_step, always_call=True))
-            for layer in self.layers:
+            for layer in self._moe_layers:
                 self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
                 if not layer.dense_scores:
                     self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True))
@@ -145,7 +168,7 @@ class Tracer(TraceTables):
                 "no forward pass of the traced model ran inside the `with moelens.trace(...)` block; "
                 "call the same model object (or its generate()) inside the block."
             )
-        self._tables = self._materialize()
+        self._finish()
 
     def _remove_hooks(self) -> None:
         handles, self._handles, self._current = self._handles, [], None
@@ -160,6 +183,7 @@ class Tracer(TraceTables):
         batch = tokens.real.shape[0]
         if not tokens.generated or self._session is None or self._session.batch_size != batch:
             self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
+            self._seen_prompt_ids += self._session.prompt_ids
         if self._end_token_ids is not None:
             if self._end_token_ids.device != tokens.real.device:  # copied once, not at every step (a blocking copy)
                 self._end_token_ids = self._end_token_ids.to(tokens.real.device)
@@ -207,7 +231,7 @@ class Tracer(TraceTables):
         step, self._current = self._current, None
         if step is None:
             return
-        expected = [layer.index for layer in self.layers]
+        expected = [layer.index for layer in self._moe_layers]
         missing = [i for i in expected if i not in step.routing or i not in step.logits]
         if missing:
             raise TraceError(
@@ -228,18 +252,19 @@ class Tracer(TraceTables):
         """The step's routing stacked over layers (device ops only); the router logits are let go."""
         import torch
 
-        layer_ids = [layer.index for layer in self.layers]
+        layer_ids = [layer.index for layer in self._moe_layers]
         home = step.tokens.real.device  # layers may sit on several devices (device_map): stack on one
         if home.type == "cuda":
             self._cuda_devices.add(home)
 
         def here(t: torch.Tensor) -> torch.Tensor:
-            return t.to(home, non_blocking=True)
+            return t if t.device == home else t.to(home, non_blocking=True)
 
-        outs = [(here(step.logits[i]), here(step.routing[i][1]), here(step.routing[i][0])) for i in layer_ids]
+        # per layer: (logits, weights as float32, indices)
+        outs = [(here(step.logits[i]), here(step.routing[i][1]).float(), here(step.routing[i][0])) for i in layer_ids]
         tensors = {
             "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
-            "weights": torch.stack([o[1].float() for o in outs]),  # [L, B*S, k]
+            "weights": torch.stack([o[1] for o in outs]),  # [L, B*S, k]
             "rank_key": torch.stack([self._rank_key(i, o) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
             "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
             "positions": step.tokens.positions,
@@ -258,24 +283,25 @@ class Tracer(TraceTables):
         recorded.device_bytes = 0
 
     # --- host side ---------------------------------------------------------------------------
-    def _materialize(self) -> dict[str, pa.Table]:
-        """Move all steps to the host at once and build the store tables."""
-        import numpy as np
+    def _finish(self) -> None:
+        """Move all steps to the host at once and check them for NaN logits (the tables are built
+        on first access, by :meth:`arrow`)."""
         import torch
 
-        layer_ids = [layer.index for layer in self.layers]
-        host = [{k: v.to("cpu", non_blocking=True) for k, v in step.tensors.items()} for step in self._steps]
+        for step in self._steps:
+            if _on_accelerator(step.tensors["real"]):  # a step's tensors share its device; CPU steps are home already
+                step.tensors = {k: v.to("cpu", non_blocking=True) for k, v in step.tensors.items()}
         for device in self._cuda_devices:
             torch.cuda.synchronize(device)  # every device copies came from (budget moves too), not only the current one
-        for step_host in host:
-            bad = np.flatnonzero(step_host["nan"].numpy())
-            if bad.size:
-                raise TraceError(
-                    f"router logits of MoE layer {layer_ids[bad[0]]} contain NaN: the model's activations "
-                    "overflowed or its weights are corrupt (check the dtype: float16 often overflows; try "
-                    "bfloat16 or float32). Nothing was recorded."
-                )
-        return _build_tables(self, host, np.asarray(layer_ids))
+        nan = torch.stack([step.tensors["nan"] for step in self._steps]).any(dim=0)  # [L]
+        if nan.any():
+            layer = self._moe_layers[int(nan.nonzero()[0, 0])].index
+            raise TraceError(
+                f"router logits of MoE layer {layer} contain NaN: the model's activations "
+                "overflowed or its weights are corrupt (check the dtype: float16 often overflows; try "
+                "bfloat16 or float32). Nothing was recorded."
+            )
+        self._finished = True
 
     def _rank_key(self, layer_index: int, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """[T, k] the score by which the family chooses each slot's expert; rank 0 is the highest.
@@ -290,28 +316,49 @@ class Tracer(TraceTables):
 
         logits, weights, indices = output
         if layer_index not in self._ranking:
-            return weights.float()
+            return weights
         rule, reading, bias = self._ranking[layer_index]
         safe = indices.clamp(max=logits.shape[-1] - 1)  # the empty-slot sentinel E has no score
         return choice_scores(reading.kernel_logits(logits), rule, bias.to(logits.device) if bias is not None else None).gather(-1, safe)
 
     def layout(self) -> StoreLayout:
-        if self._layout is not None:
-            return self._layout
-        first_id = self._steps[0].prompt_ids[0] if self._steps else 0
-        return store_layout(self.model, self.layers, prompt_id_type="string" if isinstance(first_id, str) else "uint32")
+        """The column types of the tables: the one given to :func:`trace`, or derived from the
+        model and the first prompt id (string ids give string columns)."""
+        if self._layout is None:
+            first_id = self._seen_prompt_ids[0] if self._seen_prompt_ids else 0
+            self._layout = store_layout(self.model, self._moe_layers, prompt_id_type="string" if isinstance(first_id, str) else "uint32")
+        return self._layout
 
     # --- results -----------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return [layer.index for layer in self._moe_layers]
+
+    @property
+    def experts(self) -> int:
+        return self.layout().num_experts
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return list(self._special_token_ids)
+
+    def table_names(self) -> list[str]:
+        return list(self.tables())
+
     def arrow(self, name: str) -> pa.Table:
-        if self._tables is None:
-            raise TraceError("the trace is read after its `with` block has ended without error")
-        if name not in self._tables:
+        """The Arrow table ``name`` (``routes``, ``tokens``, ``prompts``, ``logits``)."""
+        if name not in self.tables():
             raise AttributeError(f"this trace has no {name!r} table (full_logits={self.full_logits})")
+        assert self._tables is not None
         return self._tables[name]
 
     def tables(self) -> dict[str, pa.Table]:
-        self.arrow("routes")  # raises if not materialised
-        assert self._tables is not None
+        """Every table as Arrow, built on the first call (then the condensed steps are let go)."""
+        if self._tables is None:
+            if not self._finished:
+                raise TraceError("the trace is read after its `with` block has ended without error")
+            self._tables = _build_tables(self)
+            self._steps = []
         return dict(self._tables)
 
     def _load(self, name: str) -> pd.DataFrame:
@@ -345,16 +392,19 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return pinned.copy_(tensor, non_blocking=True)
 
 
-def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndarray) -> dict[str, pa.Table]:
+def _build_tables(tracer: Tracer) -> dict[str, pa.Table]:
+    """The store tables of a finished tracer's steps (on the host)."""
     import numpy as np
     import pyarrow as pa
 
     layout = tracer.layout()
+    layer_ids = np.asarray(tracer.layers)
     routes: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "layer", "rank", "expert", "weight")}
     tokens: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "token_id", "generated")}
     logits_rows: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_id", "position", "layer", "logits")}
     num_layers = len(layer_ids)
-    for step, data in zip(tracer._steps, host):
+    for step in tracer._steps:
+        data = step.tensors
         real = data["real"].numpy().reshape(-1)  # [B*S]
         batch, new = data["real"].shape
         row_ids = np.repeat(np.asarray(step.prompt_ids), new)[real]  # [M] integer or string ids
@@ -406,7 +456,21 @@ def _build_tables(tracer: Tracer, host: list[dict[str, Any]], layer_ids: np.ndar
         matrix = cols.pop("logits").astype(np.float16)
         cols["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
         tables["logits"] = _sorted_table(cols, layout.logits_schema(), ("prompt_id", "position", "layer"))
-    return tables
+    tables["prompts"] = _prompts_table(tracer, layout)
+    return {name: tables[name] for name in ("prompts", "tokens", "routes", "logits") if name in tables}
+
+
+def _prompts_table(tracer: Tracer, layout: StoreLayout) -> pa.Table:
+    """The tracer's records (``prompt_id``, ``text``, tags) when it was given them, else one row
+    per prompt id the block met, in order, with a null ``text``."""
+    import pyarrow as pa
+
+    from moelens.collect import prompts_table
+
+    if tracer._records is not None:
+        return prompts_table(tracer._records, layout)
+    id_type = layout.tokens_schema().field("prompt_id").type
+    return pa.table({"prompt_id": pa.array(tracer._seen_prompt_ids, type=id_type), "text": pa.nulls(len(tracer._seen_prompt_ids), pa.string())})
 
 
 def _filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
@@ -422,6 +486,7 @@ def _filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) ->
 
 
 def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str]) -> pa.Table:
+    """The table of ``columns`` (numpy arrays or Arrow arrays) in ``schema``, rows sorted by ``keys``."""
     import pyarrow as pa
 
     arrays = {name: columns[name] for name in schema.names}
@@ -429,7 +494,22 @@ def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str
         {name: arrays[name] if isinstance(arrays[name], pa.Array) else pa.array(arrays[name], type=schema.field(name).type) for name in schema.names},
         schema=schema,
     )
+    if _in_order([columns[key] for key in keys]):  # one forward over rows in id order: nothing to sort
+        return table
     return table.sort_by([(key, "ascending") for key in keys])
+
+
+def _in_order(keys: Sequence[np.ndarray]) -> bool:
+    """Whether the rows are already sorted by ``keys`` (lexicographically, ascending): one O(n) pass."""
+    import numpy as np
+
+    undecided = np.ones(max(len(keys[0]) - 1, 0), dtype=bool)  # row pairs not yet ordered by an earlier key
+    for key in keys:
+        before, after = key[:-1], key[1:]
+        if (after < before)[undecided].any():
+            return False
+        undecided &= after == before
+    return True
 
 
 def _ranking(model: nn.Module, layers: Sequence[MoeLayer]) -> dict[int, tuple[RoutingRule, RouterReading, torch.Tensor | None]]:
@@ -481,22 +561,45 @@ def store_layout(model: nn.Module, layers: Sequence[MoeLayer], *, prompt_id_type
 def trace(
     model: nn.Module,
     *,
+    prompts: Sequence[str | Mapping[str, Any]] | None = None,
+    tags: Mapping[str, Sequence[Any]] | None = None,
     tokenizer: Any = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 0,
+    truncate: bool = False,
     full_logits: bool = False,
     prompt_ids: Sequence[Any] | None = None,
     layout: StoreLayout | None = None,
     end_token_ids: Collection[int] | None = None,
     max_device_bytes: int | None = DEFAULT_MAX_DEVICE_BYTES,
 ) -> Tracer:
-    """Record routing decisions of ``model`` inside a ``with`` block.
+    """Record routing decisions of ``model``: inside a ``with`` block, or over ``prompts`` at once.
+
+    Two uses::
+
+        with moelens.trace(model, tokenizer=tokenizer) as tr:      # whatever forward calls run inside
+            model.generate(**batch, max_new_tokens=8)
+        tr = moelens.trace(model, prompts=texts, tags={"domain": domains}, tokenizer=tokenizer)  # runs them now
 
     Args:
         model: a transformers MoE model (any family whose experts follow transformers' experts
             interface, or whose router returns a dense score matrix; see ``moelens families``).
-        tokenizer: if given, the ``tokens`` table carries token strings.
+        prompts: run these now and return the finished trace: strings, or records (dicts with a
+            ``text`` field, an optional ``id`` and tag fields, as in a prompt file). They are fed
+            in batches of ``batch_size``, left-padded, like ``moelens collect`` feeds them (the same
+            code: :func:`moelens.collect.trace_records`), with greedy generation of
+            ``max_new_tokens`` tokens when it is above 0. Prompt ids: the records' ``id``, else
+            0, 1, 2, ... in order. Needs ``tokenizer``.
+        tags: with ``prompts``: {tag column: one value per prompt}, e.g. ``{"domain": ["code", "en"]}``;
+            they become columns of the ``prompts`` table (what ``ftri_scores(trace, tag="domain", ...)`` groups by).
+        tokenizer: if given, the ``tokens`` table carries token strings and the trace knows the
+            special tokens (which analyses exclude by default).
+        batch_size, max_new_tokens, truncate: with ``prompts``: prompts per forward call, tokens to
+            generate per prompt, and whether prompts longer than the context (less
+            ``max_new_tokens``) are cut to it (default: refused with a :class:`~moelens.errors.CollectError`).
         full_logits: also record every router's full logits (``logits`` table, float16).
-        prompt_ids: ids for the prompts in the order the traced forward calls meet them (a new
-            prompt per batch row at each prefill); default 0, 1, 2, ...
+        prompt_ids: in a ``with`` block: ids for the prompts in the order the traced forward calls
+            meet them (a new prompt per batch row at each prefill); default 0, 1, 2, ...
         layout: the column types of the tables (default: derived from the model and the ids).
         end_token_ids: on decode steps, a row's first fed token among these ids ends the row: it
             and every later token of the row (padding ``generate`` feeds to finished rows while
@@ -509,14 +612,20 @@ def trace(
             CPU models hold everything on the host anyway.
 
     Returns:
-        a :class:`Tracer`; its tables are readable once the block has ended without error.
+        a :class:`Tracer`, a :class:`~moelens.store.Trace`: without ``prompts`` its tables are
+        readable once the block has ended without error; with ``prompts`` it has already finished.
     """
-    return Tracer(
-        model,
-        tokenizer=tokenizer,
-        full_logits=full_logits,
-        prompt_ids=prompt_ids,
-        layout=layout,
-        end_token_ids=end_token_ids,
-        max_device_bytes=max_device_bytes,
-    )
+    options: dict[str, Any] = dict(full_logits=full_logits, layout=layout, end_token_ids=end_token_ids, max_device_bytes=max_device_bytes)
+    if prompts is None:
+        if tags is not None:
+            raise ValueError("tags label the prompts given as trace(model, prompts=[...], tags=...); pass the prompts too")
+        return Tracer(model, tokenizer=tokenizer, prompt_ids=prompt_ids, **options)
+    if prompt_ids is not None:
+        raise ValueError("with prompts=, give each prompt's id as the `id` field of its record, not as prompt_ids")
+    if tokenizer is None:
+        raise ValueError("trace(model, prompts=...) tokenizes the prompts: pass tokenizer= (moelens.load returns one)")
+    from moelens.collect import check_lengths, prompt_records, trace_records
+
+    records = prompt_records(prompts, tags)
+    check_lengths(model, tokenizer, records, max_new_tokens=max_new_tokens, truncate=truncate)
+    return trace_records(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens, truncate=truncate, **options)

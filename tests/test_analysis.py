@@ -316,12 +316,12 @@ def test_figures_embed_plotly_and_hold_the_expected_traces(marker_store, tmp_pat
     pairs = np.asarray(figures["pairs"][0].data[0].z)
     assert (pairs == pairs.T).all() and pairs[1, 3] == 10
     view = figures["tokens"][0].data[0]
-    assert np.asarray(view.z).shape == (3, 8) and view.z[0][2] == 3  # token 2 of prompt 0 (<think>) leads with expert 3
+    assert np.asarray(view.z).shape == (3, 8) and int(view.z[0][2]) == 3  # token 2 of prompt 0 (<think>) leads with expert 3 (z in [e, e + 1): expert e)
     assert view.text[0][2] == "&lt;think&gt;" and "L1: e3 0.750, e1 0.250<br>L2: e2 0.750, e4 0.250" in view.hovertext[0][2]
 
 
 def test_top_experts_become_intervention_specs(planted_domains, marker_store):
-    from moelens.interventions import disable, reweight
+    from moelens.interventions import Drop, disable, reweight
 
     store, *_ = planted_domains
     table = analysis.ftri_scores(store, "domain", "a", permutations=0)
@@ -332,7 +332,7 @@ def test_top_experts_become_intervention_specs(planted_domains, marker_store):
     spec = analysis.npmi_spec(npmi_table, 1, factor=64.0, renormalize=True)
     assert spec.to_dict() == reweight({1: [3]}, 64.0, renormalize=True).to_dict()
     # the default is MoTE's switch-off: zero weight, renormalise the rest, no refill
-    assert analysis.ftri_spec(table, 1).to_dict() == disable({2: [5]}, mode="drop", renormalize=True).to_dict()
+    assert analysis.ftri_spec(table, 1).to_dict() == disable({2: [5]}, mode=Drop(renormalize=True)).to_dict()
     with pytest.raises(ValueError, match="kind must be one of"):
         analysis.ftri_spec(table, 1, kind="boost")
 

@@ -185,6 +185,23 @@ def test_tables_and_sql():
     assert tracer.tokens.loc[0, "token"] == tokenizer.bos_token
 
 
+def test_tables_are_built_when_first_read_not_when_the_block_ends(monkeypatch):
+    """The block's end only moves the steps to the host and checks them; the tables are built
+    once, on first access (what keeps a notebook's traced forward close to a bare one)."""
+    import moelens.tracer as tracer_module
+
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    builds = []
+    build = tracer_module._build_tables
+    monkeypatch.setattr(tracer_module, "_build_tables", lambda tracer: builds.append(tracer) or build(tracer))
+    with torch.no_grad(), moelens.trace(model) as tracer:
+        model(**tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    assert builds == []
+    routes, tokens, prompts = tracer.routes, tracer.tokens, tracer.prompts
+    assert builds == [tracer] and len(routes) > 0 and len(tokens) > 0
+    assert prompts["prompt_id"].tolist() == list(range(len(PROMPTS)))
+
+
 def test_a_device_budget_moves_old_steps_to_the_host_and_keeps_the_trace(monkeypatch):
     """Long generations: past ``max_device_bytes`` the oldest condensed steps leave the device.
 

@@ -2,11 +2,13 @@
 stores), and super experts and EASY-EP importance (over a live model).
 
 ``import moelens.analysis`` is cheap: each name below loads its module (and pandas, DuckDB,
-plotly) on first use (PEP 562). Every analysis takes a trace (``moelens.read_trace(...)`` or a
-``moelens.trace(...)`` tracer) and returns a tidy pandas DataFrame::
+plotly) on first use (PEP 562). Every analysis takes a :class:`moelens.Trace`, in memory
+(``moelens.trace(...)``) or on disk (``moelens.scan_trace(...)``), and returns a tidy pandas
+DataFrame::
 
     from moelens import analysis
-    table = analysis.ftri_scores(store, tag="domain", target="code")
+    trace = moelens.trace(model, prompts=texts, tags={"domain": domains}, tokenizer=tokenizer)
+    table = analysis.ftri_scores(trace, tag="domain", target="code")    # or a store: moelens.scan_trace(dir)
     analysis.write_html(analysis.heatmap(table, "difference"), "ftri.html")
     spec = analysis.ftri_spec(table, 10)   # MoTE's switch-off of the 10 most target-specific experts
 """

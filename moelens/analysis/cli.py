@@ -54,9 +54,9 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``moelens analyze``; prints the files written and returns 0."""
-    from moelens.store import read_trace
+    from moelens.store import scan_trace
 
-    tables = read_trace(args.store)
+    tables = scan_trace(args.store)
     args.out.mkdir(parents=True, exist_ok=True)
     written = {"stats": _stats, "ftri": _ftri, "npmi": _npmi}[args.analysis](tables, args)
     for path in written:
@@ -93,9 +93,9 @@ def _stats(tables: Any, args: argparse.Namespace) -> list[Path]:
     if len(layers) > 1:
         results["transitions"] = stats.transitions(tables, args.by)
     if args.compare is not None:
-        from moelens.store import read_trace
+        from moelens.store import scan_trace
 
-        results["stability"] = stats.routing_stability(tables, read_trace(args.compare), args.by)
+        results["stability"] = stats.routing_stability(tables, scan_trace(args.compare), args.by)
     overall = stats.expert_frequency(tables) if args.by else frequency
     plots = {"frequency": figures.heatmap(overall, "frequency", title="selection frequency")}
     for layer in layers:

@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from moelens.interventions import Intervention
-    from moelens.store import TraceTables
+    from moelens.store import Trace
 
 _PERMUTATION_ELEMENTS = 1 << 22  # permutations per matrix product x max(running features, prompts): ~32 MB
 
 
 def ftri_scores(
-    tables: TraceTables,
+    tables: Trace,
     tag: str,
     target: Any,
     reference: Any | Sequence[Any] | None = None,
@@ -43,7 +43,9 @@ def ftri_scores(
     """Rank every (layer, expert) by how much more often the ``target`` prompts select it.
 
     Args:
-        tables: a trace with a ``prompts`` table carrying the column ``tag``.
+        tables: a :class:`~moelens.store.Trace`, in memory or a store, whose ``prompts`` table
+            carries the column ``tag`` (``moelens.trace(model, prompts=..., tags={tag: [...]})``
+            or a store collected from tagged records).
         tag: the prompt column that defines the groups (e.g. ``"domain"``).
         target: the value of ``tag`` of the target group.
         reference: a value or a list of values forming the reference groups; default every other
@@ -109,7 +111,7 @@ def ftri_scores(
 
 
 def _prompt_rates(
-    tables: TraceTables, tag: str, target: Any, reference: Any | Sequence[Any] | None, tokens: TokenFilter
+    tables: Trace, tag: str, target: Any, reference: Any | Sequence[Any] | None, tokens: TokenFilter
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-prompt matrices over the chosen groups.
 
@@ -350,7 +352,7 @@ def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: An
     Kinds:
         ``"switch_off"`` (default, MoTE's): the experts stay selected but their weight is zeroed and
             the remaining chosen experts are renormalised to the original total; no other expert
-            takes the slot (``disable(experts, mode="drop", renormalize=True)``).
+            takes the slot (``disable(experts, mode=Drop(renormalize=True))``).
         ``"reroute"``: the experts leave the choice and the next-best expert takes each slot
             (``disable(experts, mode="reroute")``): a different intervention from the paper's.
         ``"force"``: the experts are inserted into every token's selected set (``force(experts)``).
@@ -360,7 +362,7 @@ def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: An
     from moelens import interventions
 
     builders = {
-        "switch_off": lambda experts, **o: interventions.disable(experts, mode="drop", renormalize=True, **o),
+        "switch_off": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(renormalize=True), **o),
         "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
         "force": interventions.force,
     }

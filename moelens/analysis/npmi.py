@@ -25,13 +25,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from moelens.interventions import Intervention
-    from moelens.store import TraceTables
+    from moelens.store import Trace
 
 _COUNT_COLUMNS = ["joint", "expert_count", "condition_count", "tokens"]
 
 
 def npmi_scores(
-    tables: TraceTables,
+    tables: Trace,
     *,
     markers: Iterable[str] | None = None,
     regex: str | None = None,
@@ -74,7 +74,7 @@ def npmi_scores(
     return with_counted(_ranked(table, "npmi"), tables, tokens)
 
 
-def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_count: int = 5, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def npmi_combined(tables: Trace, signed_markers: Sequence[str], *, min_count: int = 5, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """A signed sum of nPMIs over several marker tokens, e.g. ``["+<think>", "-</think>"]``.
 
     Each entry is a token string with an optional leading ``+`` (default) or ``-``. Score =
@@ -102,7 +102,7 @@ def npmi_combined(tables: TraceTables, signed_markers: Sequence[str], *, min_cou
 
 
 def condition_counts(
-    tables: TraceTables, predicates: Sequence[str], *, prompt_tags: bool = False, tokens: TokenFilter = ALL_TOKENS
+    tables: Trace, predicates: Sequence[str], *, prompt_tags: bool = False, tokens: TokenFilter = ALL_TOKENS
 ) -> pd.DataFrame:
     """Counts for every (condition, layer, expert), never-selected experts included.
 

@@ -1,6 +1,6 @@
 """Descriptive routing statistics over any trace (a store on disk or an in-memory tracer).
 
-Every function takes a :class:`moelens.store.TraceTables` and aggregates in DuckDB over its
+Every function takes a :class:`moelens.store.Trace` (either kind) and aggregates in DuckDB over its
 ``routes`` / ``tokens`` / ``prompts`` views, so a store never has to fit in memory; the results are
 small tidy pandas DataFrames.
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-    from moelens.store import TraceTables
+    from moelens.store import Trace
 
 POSITION_CLASS = "position_class"
 
@@ -48,7 +48,7 @@ def literal(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def table_columns(tables: TraceTables, table: str) -> list[str]:
+def table_columns(tables: Trace, table: str) -> list[str]:
     """Column names of one of the trace's views (empty if the trace has no such table)."""
     rows = connection(tables).execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table]
@@ -56,7 +56,7 @@ def table_columns(tables: TraceTables, table: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def check_tags(tables: TraceTables, tags: Sequence[str]) -> None:
+def check_tags(tables: Trace, tags: Sequence[str]) -> None:
     """Raise ``ValueError`` unless every name in ``tags`` is a column of the ``prompts`` table."""
     if not tags:
         return
@@ -67,7 +67,7 @@ def check_tags(tables: TraceTables, tags: Sequence[str]) -> None:
         raise ValueError(f"cannot group by {missing}: {where}; {POSITION_CLASS!r} is also accepted")
 
 
-def with_groups(tables: TraceTables, by: Sequence[str], tokens: TokenFilter, source: str = "routes") -> str:
+def with_groups(tables: Trace, by: Sequence[str], tokens: TokenFilter, source: str = "routes") -> str:
     """SQL for the rows of ``source`` (a relation with ``prompt_id`` and ``position``) whose token
     ``tokens`` counts, with one more column per key of ``by``.
 
@@ -102,7 +102,7 @@ def key_list(by: Sequence[str], prefix: str = "") -> str:
     return "".join(f"{prefix}{quote(key)}, " for key in by)
 
 
-def connection(tables: TraceTables) -> duckdb.DuckDBPyConnection:
+def connection(tables: Trace) -> duckdb.DuckDBPyConnection:
     """The trace's DuckDB connection, tuned for (layer, expert) aggregations.
 
     DuckDB aggregates with a direct-indexed ("perfect") hash table only when the group keys' types
@@ -114,37 +114,31 @@ def connection(tables: TraceTables) -> duckdb.DuckDBPyConnection:
     return handle
 
 
-def query(tables: TraceTables, sql: str, counted: TokenFilter | None = None) -> pd.DataFrame:
+def query(tables: Trace, sql: str, counted: TokenFilter | None = None) -> pd.DataFrame:
     """Run ``sql`` over the trace's views on the tuned connection; the result as a DataFrame
     (with ``attrs["tokens"]``, what was counted, when ``counted`` is given)."""
     return with_counted(connection(tables).sql(sql).df(), tables, counted)
 
 
-def with_counted(frame: pd.DataFrame, tables: TraceTables, counted: TokenFilter | None) -> pd.DataFrame:
+def with_counted(frame: pd.DataFrame, tables: Trace, counted: TokenFilter | None) -> pd.DataFrame:
     """``frame`` with ``attrs["tokens"]`` saying which tokens were counted."""
     if counted is not None:
         frame.attrs["tokens"] = counted.describe(tables)
     return frame
 
 
-def one_row(tables: TraceTables, sql: str, parameters: Sequence[object] = ()) -> tuple:
+def one_row(tables: Trace, sql: str, parameters: Sequence[object] = ()) -> tuple:
     """The single result row of ``sql`` (fetched in full: DuckDB keeps a half-read result open)."""
     return connection(tables).execute(sql, list(parameters)).fetchall()[0]
 
 
-def moe_layout(tables: TraceTables) -> tuple[list[int], int]:
+def moe_layout(tables: Trace) -> tuple[list[int], int]:
     """(MoE layer ids in order, number of routed experts) of the trace's model."""
-    manifest = getattr(tables, "manifest", None)
-    if manifest is not None:
-        return list(manifest.moe_layers), manifest.layout.num_experts
-    if callable(getattr(tables, "layout", None)) and hasattr(tables, "layers"):  # an in-memory Tracer
-        return [layer.index for layer in tables.layers], tables.layout().num_experts
-    layers, top = one_row(tables, "SELECT list(DISTINCT layer ORDER BY layer), max(expert) FROM routes")
-    return list(layers), int(top) + 1
+    return list(tables.layers), tables.experts
 
 
 # --- per (layer, expert) -------------------------------------------------------------------------
-def expert_frequency(tables: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def expert_frequency(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Selection frequency and mean weight of every (layer, expert), never-selected experts included.
 
     Columns: ``*by, layer, expert, selections, tokens, frequency, share, mean_weight`` where
@@ -182,7 +176,7 @@ def expert_frequency(tables: TraceTables, by: Sequence[str] = (), *, tokens: Tok
     return with_counted(frame[columns].sort_values([*by, "layer", "expert"]).reset_index(drop=True), tables, tokens)
 
 
-def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.DataFrame | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def load_balance(tables: Trace, by: Sequence[str] = (), *, frequency: pd.DataFrame | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Load-balance measures per layer over the expert loads (selection counts, zeros included).
 
     Columns: ``*by, layer, experts, selections, cv, gini, max_over_mean, entropy, normalized_entropy``:
@@ -218,7 +212,7 @@ def load_balance(tables: TraceTables, by: Sequence[str] = (), *, frequency: pd.D
     return with_counted(pd.DataFrame(rows), tables, tokens)
 
 
-def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: bool = False, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def token_entropy(tables: Trace, by: Sequence[str] = (), *, per_token: bool = False, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Routing entropy of each token: the entropy (bits) of its selected weights normalised to sum 1.
 
     With ``per_token=False`` (default) a summary per layer, columns ``*by, layer, tokens,
@@ -254,7 +248,7 @@ def token_entropy(tables: TraceTables, by: Sequence[str] = (), *, per_token: boo
 
 
 # --- co-activation ---------------------------------------------------------------------------------
-def coactivation(tables: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def coactivation(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """How often two experts of the same layer are chosen together for the same token.
 
     Columns: ``*by, layer, expert_a, expert_b, count`` with ``expert_a < expert_b``; pairs never
@@ -273,7 +267,7 @@ def coactivation(tables: TraceTables, by: Sequence[str] = (), *, tokens: TokenFi
     )
 
 
-def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def transitions(tables: Trace, by: Sequence[str] = (), *, ranks: int | None = None, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Expert-to-expert transitions between consecutive MoE layers, counted per token.
 
     For a token choosing expert ``e`` at MoE layer ``l`` and ``f`` at the next MoE layer ``m``, the pair
@@ -303,7 +297,7 @@ def transitions(tables: TraceTables, by: Sequence[str] = (), *, ranks: int | Non
 
 
 # --- stability between two traces --------------------------------------------------------------------
-def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
+def routing_stability(tables: Trace, other: Trace, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """The fraction of tokens whose expert SET changes between two traces of the same prompts, per layer.
 
     Tokens are matched on (prompt_id, position) and layer; the order and weights of the experts do not
@@ -317,7 +311,7 @@ def routing_stability(tables: TraceTables, other: TraceTables, by: Sequence[str]
 
     by = list(by)
 
-    def expert_sets(trace: TraceTables, grouping: Sequence[str]) -> pa.Table:
+    def expert_sets(trace: Trace, grouping: Sequence[str]) -> pa.Table:
         return connection(trace).sql(
             f"""
             SELECT prompt_id::VARCHAR AS prompt_id, position::BIGINT AS position, {key_list(grouping)}

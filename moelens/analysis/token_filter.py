@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from moelens.store import TraceTables
+    from moelens.store import Trace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +42,7 @@ class TokenFilter:
             if start < 0 or (stop is not None and stop <= start):
                 raise ValueError(f"positions={self.positions}: use (start, stop) with 0 <= start < stop, or stop None")
 
-    def predicate(self, tables: TraceTables, alias: str = "t") -> str | None:
+    def predicate(self, tables: Trace, alias: str = "t") -> str | None:
         """A SQL condition over a ``tokens`` row named ``alias``, or ``None`` if every token counts."""
         conditions = []
         if self.kind != "all":
@@ -57,7 +57,7 @@ class TokenFilter:
                 conditions.append(f"{alias}.position < {int(stop)}")
         return " AND ".join(conditions) or None
 
-    def describe(self, tables: TraceTables) -> dict[str, object]:
+    def describe(self, tables: Trace) -> dict[str, object]:
         """What was counted, for a result's ``attrs["tokens"]``."""
         specials = special_token_ids(tables)
         if self.special:
@@ -73,21 +73,18 @@ PROMPT_TOKENS = TokenFilter(kind="prompt")  # MoTE's fTRI counts the prompt's to
 ALL_TOKENS = TokenFilter()  # every token but the special ones
 
 
-def special_token_ids(tables: TraceTables) -> list[int]:
+def special_token_ids(tables: Trace) -> list[int]:
     """The special token ids a trace records (store manifest or in-memory tracer); [] if none."""
-    manifest = getattr(tables, "manifest", None)
-    if manifest is not None:
-        return sorted(manifest.special_token_ids)
-    return sorted(getattr(tables, "special_token_ids", ()))
+    return sorted(tables.special_token_ids)
 
 
-def filtered_tokens(tables: TraceTables, tokens: TokenFilter) -> str:
+def filtered_tokens(tables: Trace, tokens: TokenFilter) -> str:
     """SQL: the ``tokens`` rows (``prompt_id, position``, and the rest) that ``tokens`` counts."""
     predicate = tokens.predicate(tables, "t")
     return f"SELECT * FROM tokens AS t{f' WHERE {predicate}' if predicate else ''}"
 
 
-def filtered_routes(tables: TraceTables, tokens: TokenFilter) -> str:
+def filtered_routes(tables: Trace, tokens: TokenFilter) -> str:
     """SQL for a FROM clause: the ``routes`` rows whose token ``tokens`` counts (plain ``routes``
     when it counts every token)."""
     if tokens.predicate(tables) is None:
