@@ -130,11 +130,11 @@ def pandas_npmi(routes: pd.DataFrame, tokens: pd.DataFrame, prompts: pd.DataFram
     marked = tokens.loc[tokens["token"] == MARKER, ["prompt_id", "position"]].assign(marked=True)
     joined = routes[["prompt_id", "position", "layer", "expert"]].merge(marked, on=["prompt_id", "position"], how="left")
     joined["marked"] = joined["marked"].fillna(False).astype(bool)
-    counts = joined.groupby(["layer", "expert"])["marked"].agg(expert_count="size", joint="sum")
+    counts = joined.groupby(["layer", "expert"])["marked"].agg(expert_tokens="size", joint_tokens="sum")
     total, condition = len(tokens), len(marked)
-    p_joint = counts["joint"] / total
+    p_joint = counts["joint_tokens"] / total
     with np.errstate(divide="ignore"):  # experts never seen with the marker: log 0, as in nPMI's -1 case
-        return np.log(p_joint / (counts["expert_count"] / total * condition / total)) / -np.log(p_joint)
+        return np.log(p_joint / (counts["expert_tokens"] / total * condition / total)) / -np.log(p_joint)
 
 
 def timed(function: Callable[[], Any], repeats: int = 3) -> float:

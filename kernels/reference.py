@@ -69,7 +69,7 @@ def _route_all_tokens(
     rank = select.rank if isinstance(select, RankSelect) else None
     top_p = select if isinstance(select, TopPSelect) else None
     if rank is not None:
-        n_pick = rank
+        n_pick = rank + 1  # the rank-r expert is the (r + 1)-th choice: rank counts from 0
     elif top_p is not None:
         n_pick = top_p_cap(top_p, num_experts)
     else:
@@ -78,7 +78,7 @@ def _route_all_tokens(
     indices = indices.masked_fill(top_values == NEG_INF, num_experts)
 
     if rank is not None:
-        indices = indices[:, rank - 1 :]  # [T, 1]
+        indices = indices[:, rank:]  # [T, 1]
     elif top_p is not None:
         eligible_scores = full_scores.masked_fill(choice == NEG_INF, 0.0)
         normalized = eligible_scores / eligible_scores.sum(dim=-1, keepdim=True)

@@ -6,7 +6,7 @@ Pipeline (per token):
            -> choice = scores (+ correction_bias)             (select_before_score rules: logits (+ correction_bias))
            -> group-limited selection (n_group > 1): experts outside the best topk_group groups leave the choice
            -> select (controls.select): TopKSelect (forced experts take the last slots) | TopPSelect prefix
-              | RankSelect: the rank-r expert
+              | RankSelect: the rank-r expert (r counts from 0: 0 = the first choice)
            -> weights: gather scores (select_before_score: score function over the selected logits only)
            -> renormalise (rule.renormalize; TopPSelect.renormalize under top-p) -> scale
            -> (* MultiplyWeights.factors, optionally back to the pre-multiplication total)
@@ -76,8 +76,12 @@ class TopPSelect:
 
 @dataclass(frozen=True)
 class RankSelect:
-    """Select only each token's rank-``rank`` expert (1-based, in choice order; SCMoE's weak pass); its weight is
-    rule.scaling (1.0 for most families)."""
+    """Select only each token's rank-``rank`` expert in choice order (SCMoE's weak pass); its weight is
+    rule.scaling (1.0 for most families).
+
+    rank: counts from 0 (0 = the router's first choice, 1 = the second), as a trace's ``routes.rank``; in
+    [0, E - 1]. A token with fewer than rank + 1 eligible experts gets an empty slot.
+    """
 
     rank: int
 
@@ -267,9 +271,10 @@ def _validate_control_values(c: RoutingControls, rule: RoutingRule, num_experts:
             raise ValueError(f"TopPSelect p={select.p} is outside (0, 1]")
         if select.max_k is not None and not 1 <= select.max_k <= num_experts:
             raise ValueError(f"TopPSelect max_k={select.max_k} is outside [1, {num_experts}] (the number of experts)")
-    elif isinstance(select, RankSelect) and not 1 <= select.rank <= num_experts:
+    elif isinstance(select, RankSelect) and not 0 <= select.rank < num_experts:
         raise ValueError(
-            f"RankSelect rank={select.rank} is outside [1, {num_experts}] (1-based, at most the number of experts)"
+            f"RankSelect rank={select.rank} is outside [0, {num_experts - 1}]; "
+            "rank r counts from 0 (0 = the router's first choice)"
         )
 
 

@@ -124,7 +124,7 @@ def _route(
     rank = c.select.rank if isinstance(c.select, RankSelect) else None
     top_p = c.select if isinstance(c.select, TopPSelect) else None
     if rank is not None:
-        n_pick = rank
+        n_pick = rank + 1  # the rank-r expert is the (r + 1)-th choice: rank counts from 0
     elif top_p is not None:
         n_pick = top_p_cap(top_p, num_experts)
     else:
@@ -138,7 +138,7 @@ def _route(
     if may_be_empty:
         indices.masked_fill_(values == NEG_INF, num_experts)
     if rank is not None:
-        indices = indices[:, rank - 1 :]  # [T, 1]
+        indices = indices[:, rank:]  # [T, 1]
         return _reweigh((indices != num_experts).float() * rule.scaling, indices, prep), indices
 
     # [T, K] selected logits, -inf in empty slots (with a choice bias: the raw logits, gathered)

@@ -119,8 +119,8 @@ def _routing_kernel(
         n_free = n_slots
     eligible = choice > neg_inf
     taken = nothing
-    if MODE == MODE_RANK:  # the rank-r expert: first discard the r - 1 better ones
-        for _ in range(rank - 1):
+    if MODE == MODE_RANK:  # the rank-r expert (r counts from 0): first discard the r better ones
+        for _ in range(rank):
             skip = _pick(choice, eligible & ~taken, cols, BLOCK_E)
             taken = taken | (on[:, None] & (cols[None, :] == skip[:, None]))
     if MODE == MODE_TOP_P:
@@ -227,7 +227,7 @@ def route_triton(
     block_e = triton.next_power_of_2(num_experts)
     block_t = block_t or max(1, min(triton.next_power_of_2(num_tokens), TILE_ELEMENTS // block_e))
     select, multiplier, drop = c.select, c.multiplier, c.drop
-    rank, top_p, renormalize_on = 1, 1.0, rule.renormalize
+    rank, top_p, renormalize_on = 0, 1.0, rule.renormalize
     if isinstance(select, RankSelect):
         mode, slots_on, rank = MODE_RANK.value, 1, select.rank
     elif isinstance(select, TopPSelect):

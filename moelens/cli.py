@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--max-new-tokens", type=_non_negative_int, default=0, help="with a URL: tokens to generate per prompt (greedy), as for collect")
     imported.add_argument("--shard-size", type=_positive_int, default=64, help="sequences per shard")
 
-    prune = commands.add_parser("prune", help="write a checkpoint with the experts a prune spec drops physically removed")
+    prune = commands.add_parser("prune", help="write a checkpoint with the experts a keep spec leaves out physically removed")
     prune.add_argument("model", help="checkpoint directory, 'moelens-tiny' or 'tiny:<family>'")
-    prune.add_argument("spec", type=Path, help='JSON spec: {"interventions": [{"kind": "prune", "keep": {"<layer>": [experts...]}}]}')
+    prune.add_argument("spec", type=Path, help='JSON spec: {"version": 2, "interventions": [{"kind": "keep", "experts": {"<layer>": [experts...]}}]}')
     prune.add_argument("--out", required=True, type=Path)
 
     families = commands.add_parser(
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        with _messages_on_stderr():
+            return _dispatch(args)
     except KeyboardInterrupt:
         print("moelens: interrupted", file=sys.stderr)
         return 130
@@ -144,6 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"moelens: error: {error}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def _messages_on_stderr() -> Iterator[None]:
+    """Show moelens' INFO and WARNING log records (run summaries, repairs) on stderr for one command.
+
+    The library only logs; a command line is where they should print. The handler writes to the
+    stderr of the moment and is removed afterwards, so calling ``main`` repeatedly (tests, notebooks)
+    never stacks handlers.
+    """
+    logger = logging.getLogger("moelens")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the user's root handlers would print every record twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _is_user_error(error: Exception) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -28,6 +29,10 @@ from typing import TYPE_CHECKING, Any
 from moelens import store
 from moelens.errors import CollectError, PromptFileError
 from moelens.hooks.adapters import input_device, text_config
+
+# Library logging: the run's summary is INFO (silent unless the caller asks: the CLI shows it, a
+# notebook does not print it in red), what changes the result or the store is a WARNING.
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -200,7 +205,7 @@ def open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
         raise CollectError(f"--out {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock.acquire(_log)
+        lock.acquire(log.warning)
     except OSError as error:
         raise CollectError(f"cannot write to --out {out}: {error.strerror or error}. Choose a writable directory.") from None
     try:
@@ -226,7 +231,7 @@ def _check_resume(out: Path, manifest: store.Manifest) -> None:
         )
 
 
-def _repair_finished(out: Path, log: Any) -> set[str]:
+def _repair_finished(out: Path, warn: Callable[[str], object]) -> set[str]:
     """The sound finished shards; a corrupt one is moved to quarantine/ and collected again."""
     sound = set()
     for name in store.finished_shards(out):
@@ -235,7 +240,7 @@ def _repair_finished(out: Path, log: Any) -> set[str]:
             sound.add(name)
             continue
         store.remove_shard(out, name, quarantine=True)
-        log(f"moelens: corrupt shard {name} ({problem}); its files were moved to {out / 'quarantine'} and it will be collected again")
+        warn(f"moelens: corrupt shard {name} ({problem}); its files were moved to {out / 'quarantine'} and it will be collected again")
     return sound
 
 
@@ -330,7 +335,7 @@ def _collect_locked(
     _barrier(world)
     if rank != 0:
         _check_resume(out, manifest)
-    done = _repair_finished(out, _log) if options.resume else set()
+    done = _repair_finished(out, log.warning) if options.resume else set()
     shards = [
         (index, records[start : start + options.shard_size])
         for index, start in enumerate(range(0, len(records), options.shard_size))
@@ -398,7 +403,7 @@ def check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]],
             f"{first_len} tokens, the limit is {limit} ({context} context - {max_new_tokens} new tokens). "
             "They were refused; pass --truncate (truncate=True in Python) to cut them to the limit (keeping their beginning)."
         )
-    _log(f"moelens: {len(too_long)} prompt(s) longer than {limit} tokens are truncated to their first {limit} tokens")
+    log.warning(f"moelens: {len(too_long)} prompt(s) longer than {limit} tokens are truncated to their first {limit} tokens")
 
 
 def trace_records(
@@ -502,16 +507,13 @@ def _summary(out: Path, stats: dict[str, float], world: int) -> None:
     stored = store.scan_trace(out)
     events = int(stored.sql("SELECT count(*) AS n FROM routes")["n"][0]) if stored.shards else 0
     seconds = max(stats["seconds"], 1e-9)
-    _log(
+    log.info(
         f"moelens collect: {len(stored.shards)} shards, {events:,} routing events in {out}"
         f" ({routes_bytes / max(events, 1):.2f} bytes/event on disk); this run (rank 0 of {world}): "
         f"{int(stats['prompts'])} prompts, {int(stats['tokens']):,} tokens in {seconds:.1f}s "
         f"({stats['tokens'] / seconds:,.0f} tokens/s)"
     )
 
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _distributed_rank() -> tuple[int, int]:

@@ -123,7 +123,7 @@ def run(out: Path, model_name: str = "moelens-tiny") -> None:
     table = pd.DataFrame(_ablation_table(model, tokenizer, chosen, held_out))
     table.to_csv(out / "ablation.csv", index=False)
     print((table.set_index("domain") * 100).round(1).rename(columns=lambda c: c + " %").to_string())
-    print("\n4. SCMoE self-contrast decoding on arithmetic tasks (weak = rank-2 routing, beta 0.5, alpha 0.1)")
+    print("\n4. SCMoE self-contrast decoding on arithmetic tasks (weak = rank(1): each token's second choice, beta 0.5, alpha 0.1)")
     for name, (exact, characters) in _arith_contrast(model, tokenizer).items():
         print(f"  {name:<7} exact answers {exact:6.1%}   answer characters right {characters:6.1%}")
     analysis.write_html(analysis.token_view(store, prompt_id=0, layer=max(store.manifest.moe_layers)), out / "token_view.html")

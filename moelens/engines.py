@@ -52,8 +52,8 @@ A live server: give its URL (``http://host:port``) and a prompt file; each promp
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,12 +183,11 @@ def import_routes(
     finally:
         lock.release()
     events = sum(s.experts.size for s in sequences)
-    print(
+    logging.getLogger(__name__).info(
         f"moelens import: {len(sequences)} sequences from {len(responses)} {ENGINE_NAMES[reader.engine]} responses, "
-        f"{sum(s.length - 1 for s in sequences):,} fed tokens, {events:,} routing events (expert ids, no weights) in {out}",
-        file=sys.stderr,
+        f"{sum(s.length - 1 for s in sequences):,} fed tokens, {events:,} routing events (expert ids, no weights) in {out}"
     )
-    return store.read_trace(out)
+    return store.scan_trace(out)
 
 
 # --- the model's MoE layout --------------------------------------------------------------------

@@ -12,7 +12,7 @@ A store is a directory::
 ``routes`` is long format, one row per (prompt, position, layer, rank); ``rank`` is 0-based in
 the family's choice order (the weight order, except where a correction bias steers the choice
 but not the weights, as on DeepSeek-V3: there sigmoid(logit) + bias), the order ``rank(r)``
-interventions count in (``rank(r)`` = this table's rank r - 1); ``weight`` is what the model
+interventions count in (``rank(r)`` routes to this table's rank r); ``weight`` is what the model
 multiplied the expert's output by. Stores imported from a serving engine (:mod:`moelens.engines`)
 hold expert ids only: their ``weight`` is null, their ``rank`` the engine's slot order, and their
 manifest says ``weights: false`` (analyses that need weights call :func:`require_weights`). A shard

@@ -26,7 +26,12 @@ QUICKSTART = [
         "    out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)\n"
         "trace.routes.head(8)"
     ),
-    new_code_cell("trace.tokens.query('prompt_id == 2')[['position', 'token', 'generated']].T"),
+    new_markdown_cell("`token` is the tokenizer's vocabulary string (`Ġ` stands for a space); `token_pieces` gives the text each token adds."),
+    new_code_cell(
+        "from moelens.widgets import token_pieces\n\n"
+        "tokens = trace.tokens.query('prompt_id == 2')\n"
+        "tokens.assign(text=token_pieces(tokens.token_id.tolist(), tokens.token.tolist(), tokenizer=tokenizer))[['position', 'token', 'text', 'generated']].T"
+    ),
     new_markdown_cell("## Query with DuckDB\nThe same tables are DuckDB views: which experts does each prompt use most in the last layer?"),
     new_code_cell(
         "last = max(trace.routes.layer)\n"
@@ -37,14 +42,17 @@ QUICKSTART = [
         "    ORDER BY prompt_id, selections DESC\n"
         "''')"
     ),
-    new_markdown_cell("## A trace store on disk\n`moelens collect` (here called from Python) writes Parquet shards; `read_trace` opens them without loading everything."),
+    new_markdown_cell(
+        "## A trace store on disk\n`collect` writes Parquet shards from prompt records (or a prompt file; on the command line: "
+        "`moelens collect MODEL prompts.jsonl --out DIR`); `scan_trace` opens a store lazily, without loading everything."
+    ),
     new_code_cell(
-        "import json, tempfile, pathlib\n"
-        "from moelens.cli import main as moelens_cli\n\n"
+        "import tempfile, pathlib\n"
+        "from moelens.collect import CollectOptions, collect\n\n"
         "work = pathlib.Path(tempfile.mkdtemp())\n"
-        "(work / 'prompts.jsonl').write_text(''.join(json.dumps({'text': t, 'lang': l}) + '\\n' for t, l in zip(prompts, ['py', 'de', 'arith', 'en'])))\n"
-        "moelens_cli(['collect', 'moelens-tiny', str(work / 'prompts.jsonl'), '--out', str(work / 'store'), '--no-progress'])\n"
-        "store = moelens.read_trace(work / 'store')\n"
+        "records = [{'text': t, 'lang': l} for t, l in zip(prompts, ['py', 'de', 'arith', 'en'])]\n"
+        "collect(model, records, work / 'store', CollectOptions(progress=False), tokenizer=tokenizer)\n"
+        "store = moelens.scan_trace(work / 'store')\n"
         "store.sql('SELECT p.lang, r.layer, r.expert, count(*) AS n FROM routes r JOIN prompts p USING (prompt_id) '\n"
         "          'WHERE r.rank = 0 GROUP BY ALL ORDER BY n DESC LIMIT 8')"
     ),
@@ -96,7 +104,7 @@ STEERING = [
         "ftri['de'].head(8)[['layer', 'expert', 'target_rate', 'reference_rate', 'difference', 'q_value']]"
     ),
     new_markdown_cell(
-        "## Disable them\nThe top 8 German experts, disabled with re-routing (the next-best expert takes the slot). "
+        "## Disable them\nThe 8 most German-specific experts (over all layers), disabled with re-routing (the next-best expert takes the slot). "
         "Loss on held-out German text rises much more than on the other domains."
     ),
     new_code_cell(
@@ -135,8 +143,7 @@ STEERING = [
         "on generated tokens only leaves the prompt's routing untouched."
     ),
     new_code_cell(
-        "from moelens.analysis.ftri import specific_experts\n\n"
-        "boost_german = reweight(specific_experts(ftri['de'], 8), 8.0, tokens='generated')\n"
+        "boost_german = reweight(analysis.ftri_top_experts(ftri['de'], 8), 8.0, tokens='generated')\n"
         "side_by_side(boost_german, manual_prompts)"
     ),
     new_markdown_cell(
@@ -160,7 +167,7 @@ STEERING = [
     ),
     new_markdown_cell(
         "## SCMoE self-contrast decoding\n`generate_contrast` contrasts the model's logits with those of a weak activation "
-        "(each token routed only to its rank-2 expert), inside one batched forward per step. moelens-tiny is far too small "
+        "(each token routed only to its second choice, `rank(1)`), inside one batched forward per step. moelens-tiny is far too small "
         "for multi-digit arithmetic, so exact answers are rare either way; the scores also count the right first digit and "
         "the right length. On a model this small the contrast does not help: the mechanism is the point here."
     ),
@@ -244,7 +251,7 @@ SPECIALIZATION = [
         "top_per_marker = pd.concat(\n"
         "    analysis.npmi_scores(marker_store, markers=marker_tokens(m)).head(3).assign(marker=m) for m in markers\n"
         ")\n"
-        "top_per_marker[['marker', 'layer', 'expert', 'joint', 'npmi']]"
+        "top_per_marker[['marker', 'layer', 'expert', 'joint_tokens', 'npmi']]"
     ),
     new_markdown_cell("## Token view\nOne Python prompt, each token coloured by its top expert in the last layer; hover for every layer's experts."),
     new_code_cell(
@@ -260,7 +267,8 @@ SPECIALIZATION = [
         "calibration = [json.loads(line)['text'] for line in (PROBES / 'calibration.jsonl').read_text().splitlines()]\n"
         "profiled, held_out_calibration = calibration[:16], calibration[16:32]\n"
         "report = analysis.profile_super_experts(model, tokenizer, profiled)\n"
-        "print('flagged:', report.to_disable() or 'none', '| thresholds:', {k: round(v, 2) if isinstance(v, float) else v for k, v in report.thresholds.items()})\n"
+        "flagged = analysis.super_experts_top_experts(report)  # {layer: [experts]}\n"
+        "print('flagged:', flagged or 'none', '| thresholds:', {k: round(v, 2) if isinstance(v, float) else v for k, v in report.thresholds.items()})\n"
         "report.experts.sort_values('max_output', ascending=False).head(6)"
     ),
     new_markdown_cell(
@@ -268,8 +276,8 @@ SPECIALIZATION = [
         "on other calibration texts: loss, largest residual activation and attention-sink mass."
     ),
     new_code_cell(
-        "if report.to_disable():\n"
-        "    print(analysis.prune_report(model, tokenizer, held_out_calibration, report))"
+        "if flagged:\n"
+        "    print(analysis.drop_report(model, tokenizer, held_out_calibration, report))"
     ),
 ]
 

@@ -130,7 +130,7 @@ def test_coactivation_and_transitions_match_a_brute_force_count(random_store):
         for a, b in itertools.combinations(sorted(experts), 2):
             pairs[(layer, a, b)] += 1
     got = analysis.coactivation(store)
-    assert dict(zip(zip(got.layer, got.expert_a, got.expert_b), got["count"])) == pairs
+    assert dict(zip(zip(got.layer, got.expert_a, got.expert_b), got["tokens"])) == pairs
 
     steps = Counter()
     for (p, pos, layer), experts in choices.items():
@@ -139,12 +139,12 @@ def test_coactivation_and_transitions_match_a_brute_force_count(random_store):
                 steps[(a, b)] += 1
     moves = analysis.transitions(store)
     assert set(moves.layer) == {1} and set(moves.next_layer) == {2}
-    assert dict(zip(zip(moves.expert, moves.next_expert), moves["count"])) == steps
+    assert dict(zip(zip(moves.expert, moves.next_expert), moves["tokens"])) == steps
     top1 = analysis.transitions(store, ranks=1)
-    assert top1["count"].sum() == sum(1 for key in choices if key[2] == 1)
+    assert top1["tokens"].sum() == sum(1 for key in choices if key[2] == 1)
 
     by_domain = analysis.coactivation(store, ["domain"])
-    assert by_domain["count"].sum() == got["count"].sum() and set(by_domain.domain) == {"a", "b"}
+    assert by_domain["tokens"].sum() == got["tokens"].sum() and set(by_domain.domain) == {"a", "b"}
 
 
 def test_stability_counts_the_tokens_whose_expert_set_changed(tmp_path):
@@ -165,11 +165,11 @@ def test_stability_counts_the_tokens_whose_expert_set_changed(tmp_path):
     a = write_store(tmp_path / "a", routed(base), tokens, prompts)
     b = write_store(tmp_path / "b", routed(other), tokens, prompts)
     result = analysis.routing_stability(a, b).set_index("layer")
-    assert result.loc[1, "changed"] == 12 and result.loc[1, "changed_fraction"] == pytest.approx(0.3)
+    assert result.loc[1, "changed_tokens"] == 12 and result.loc[1, "changed_fraction"] == pytest.approx(0.3)
     assert result.loc[2, "changed_fraction"] == 0.0 and result.loc[2, "mean_jaccard"] == 1.0
     assert result.loc[1, "mean_jaccard"] == pytest.approx((28 + 12 / 3) / 40)  # a changed pair shares 1 of 3 experts
-    assert (result["unmatched"] == 0).all()
-    assert analysis.routing_stability(a, b, ["domain"])["changed"].sum() == 12
+    assert (result["unmatched_tokens"] == 0).all()
+    assert analysis.routing_stability(a, b, ["domain"])["changed_tokens"].sum() == 12
 
 
 # --- fTRI ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_ftri_ranks_the_planted_expert_first_with_a_small_adjusted_p(planted_dom
     store, *_ = planted_domains
     table = analysis.ftri_scores(store, "domain", "a", permutations=999, seed=0)
     top = table.iloc[0]
-    assert (top.layer, top.expert, top["rank"]) == (2, 5, 1)
+    assert (top.layer, top.expert, top["place"]) == (2, 5, 1)
     assert top.target_rate == 1.0 and top.reference_rate == 0.0 and top.difference == 1.0
     assert top.log_odds > 5 and top.p_value == pytest.approx(1 / 1000) and top.q_value < 0.02
     # layer 1 is random everywhere; (layer 2 is not: domain a has one free slot there, the others two)
@@ -256,13 +256,13 @@ def test_npmi_of_a_planted_expert_equals_the_hand_computed_value(marker_store):
     table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=0).set_index(["layer", "expert"])
     # expert 3 of layer 1: joint 5, expert 10, condition 5, T = 40 -> log(4) / log(8) = 2/3
     row = table.loc[(1, 3)]
-    assert (row.joint, row.expert_count, row.condition_count, row.tokens) == (5, 10, 5, 40)
+    assert (row.joint_tokens, row.expert_tokens, row.condition_tokens, row.tokens) == (5, 10, 5, 40)
     assert row.npmi == pytest.approx(math.log((5 / 40) / ((10 / 40) * (5 / 40))) / -math.log(5 / 40))
     assert row.npmi == pytest.approx(2 / 3)
     assert table.loc[(1, 6), "npmi"] == -1.0  # never together
     assert table.loc[(2, 2), "npmi"] == pytest.approx(0.0)  # always selected: independent of everything
     ranked = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=5)
-    assert (ranked.iloc[0].layer, ranked.iloc[0].expert) == (1, 3) and (ranked.joint >= 5).all()
+    assert (ranked.iloc[0].layer, ranked.iloc[0].expert) == (1, 3) and (ranked.joint_tokens >= 5).all()
     by_regex = analysis.npmi_scores(marker_store, regex="^<think>$", min_count=0).set_index(["layer", "expert"])
     assert by_regex.loc[(1, 3), "npmi"] == row.npmi
 
@@ -273,10 +273,10 @@ def test_npmi_edge_cases_and_tag_condition(marker_store):
     assert npmi_from_counts(10, 10, 10, 10) == 1.0  # p(x,y) = 1
     assert npmi_from_counts(0, 3, 4, 10) == -1.0
     assert npmi_from_counts(5, 5, 5, 10) == pytest.approx(1.0)  # x iff y
-    by_tag = analysis.npmi_scores(marker_store, tag={"domain": "math"}, min_count=0).set_index(["layer", "expert"])
+    by_tag = analysis.npmi_scores(marker_store, where={"domain": "math"}, min_count=0).set_index(["layer", "expert"])
     # condition = the 20 tokens of prompt 0; expert 3 of layer 1 is chosen at 2 + 2 = 4 of them, 10 overall
     row = by_tag.loc[(1, 3)]
-    assert (row.joint, row.condition_count) == (4, 20)
+    assert (row.joint_tokens, row.condition_tokens) == (4, 20)
     assert row.npmi == pytest.approx(math.log((4 / 40) / ((10 / 40) * (20 / 40))) / -math.log(4 / 40))
     with pytest.raises(ValueError, match="exactly one condition"):
         analysis.npmi_scores(marker_store, markers=["<think>"], regex="x")
@@ -287,10 +287,10 @@ def test_combined_npmi_sums_signed_scores(marker_store):
     single = {m: analysis.npmi_scores(marker_store, markers=[m], min_count=0).set_index(["layer", "expert"]) for m in ("<think>", "</think>")}
     for key in [(1, 3), (1, 7), (1, 1)]:
         assert table.loc[key, "score"] == pytest.approx(single["<think>"].loc[key, "npmi"] - single["</think>"].loc[key, "npmi"])
-        assert table.loc[key, "joint[</think>]"] == single["</think>"].loc[key, "joint"]
+        assert table.loc[key, "joint_tokens[</think>]"] == single["</think>"].loc[key, "joint_tokens"]
     assert table.loc[(1, 7), "npmi[</think>]"] == pytest.approx(1.0)  # chosen exactly at </think>
     supported = analysis.npmi_combined(marker_store, ["<think>", "-</think>"], min_count=5)
-    assert list(zip(supported.layer, supported.expert))[0] == (1, 3) and (supported["joint[<think>]"] >= 5).all()
+    assert list(zip(supported.layer, supported.expert))[0] == (1, 3) and (supported["joint_tokens[<think>]"] >= 5).all()
 
 
 # --- figures, specs, CLI, API ---------------------------------------------------------------------------
@@ -337,6 +337,32 @@ def test_top_experts_become_intervention_specs(planted_domains, marker_store):
         analysis.ftri_spec(table, 1, kind="boost")
 
 
+def test_every_analysis_has_the_same_spec_helpers(planted_domains, marker_store):
+    """One vocabulary: ``top_experts(result, n)`` -> {layer: sorted experts}, ``to_spec(result, n, *, kind)``."""
+    import inspect
+
+    from moelens.analysis import easy_ep, ftri, npmi, super_experts
+    from moelens.interventions import Drop, disable
+
+    for module in (ftri, npmi, easy_ep, super_experts):
+        parameters = list(inspect.signature(module.to_spec).parameters.values())
+        assert [p.name for p in parameters[1:3]] == ["n", "kind"], module.__name__
+        assert parameters[2].kind is inspect.Parameter.KEYWORD_ONLY
+        assert list(inspect.signature(module.top_experts).parameters)[1] == "n"
+    assert analysis.ftri_top_experts is ftri.top_experts and analysis.npmi_top_experts is npmi.top_experts
+    store, *_ = planted_domains
+    table = analysis.ftri_scores(store, "domain", "a", permutations=0)
+    assert analysis.ftri_top_experts(table, 1) == {2: [5]}
+    npmi_table = analysis.npmi_scores(marker_store, markers=["<think>"], min_count=0)
+    top = analysis.npmi_top_experts(npmi_table, 3)  # n counts over all layers, experts sorted in each layer
+    assert sum(map(len, top.values())) == 3 and all(experts == sorted(experts) for experts in top.values())
+    assert analysis.npmi_spec(npmi_table, 1, kind="drop").to_dict() == disable({1: [3]}, mode=Drop()).to_dict()
+    with pytest.raises(ValueError, match="'switch_off' is now called 'drop'"):
+        analysis.ftri_spec(table, 1, kind="switch_off")
+    with pytest.raises(ValueError, match="n must be a whole number >= 1"):
+        analysis.npmi_top_experts(npmi_table, 0)
+
+
 def _analyze(argv: list[str]) -> int:
     from moelens.analysis.cli import add_analyze_parser, run_analyze
 
@@ -351,7 +377,7 @@ def _analyze(argv: list[str]) -> int:
         (["stats", "--by", "domain", "--by", "position_class"], ["frequency.csv", "load_balance.csv", "token_entropy.csv", "coactivation.csv", "transitions.csv", "frequency.html", "coactivation_layer1.html"]),
         (["ftri", "--tag", "domain", "--target", "math", "--permutations", "50", "--spec", "2"], ["ftri.csv", "ftri_heatmap.html", "ftri_top.html", "spec.json"]),
         (["npmi", "--marker", "+<think>", "--marker=-</think>", "--min-count", "1"], ["npmi.csv", "npmi_heatmap.html", "npmi_top.html"]),
-        (["npmi", "--tag", "domain=code", "--spec", "1", "--factor", "8"], ["npmi.csv", "spec.json"]),
+        (["npmi", "--where", "domain=code", "--spec", "1", "--factor", "8"], ["npmi.csv", "spec.json"]),
     ],
     ids=["stats", "ftri", "npmi-markers", "npmi-tag"],
 )
@@ -379,7 +405,7 @@ def test_stats_work_on_an_in_memory_trace_like_on_its_store(tmp_path, capsys):
             model(**tokenizer([text], return_tensors="pt"))
     stored = moelens.read_trace(tmp_path / "s")
     pd.testing.assert_frame_equal(analysis.expert_frequency(tracer), analysis.expert_frequency(stored), check_dtype=False)
-    assert analysis.routing_stability(tracer, stored)["changed"].sum() == 0
+    assert analysis.routing_stability(tracer, stored)["changed_tokens"].sum() == 0
     assert len(analysis.token_view(tracer, 0, 1).data) == 1
     with pytest.raises(ValueError, match="no prompt tags"):
         analysis.expert_frequency(tracer, ["domain"])
@@ -491,14 +517,14 @@ def test_npmi_interval_by_hand_and_its_coverage():
     coverage: independent expert and marker (true nPMI 0), 30 marker tokens, 4000 draws."""
     from moelens.analysis.npmi import npmi_from_counts, npmi_interval
 
-    joint, expert_count, condition, tokens = np.array([6.0]), np.array([1000.0]), np.array([30.0]), np.array([10000.0])
+    joint, expert_tokens, condition, tokens = np.array([6.0]), np.array([1000.0]), np.array([30.0]), np.array([10000.0])
     q, z = 6 / 30, 1.96
     center = (q + z * z / 60) / (1 + z * z / 30)
     half = z * math.sqrt(q * (1 - q) / 30 + z * z / 3600) / (1 + z * z / 30)
-    expected = [npmi_from_counts(np.array([c * 30]), expert_count, condition, tokens)[0] for c in (center - half, center + half)]
-    low, high = npmi_interval(joint, expert_count, condition, tokens)
+    expected = [npmi_from_counts(np.array([c * 30]), expert_tokens, condition, tokens)[0] for c in (center - half, center + half)]
+    low, high = npmi_interval(joint, expert_tokens, condition, tokens)
     assert (low[0], high[0]) == pytest.approx(tuple(expected))
-    assert low[0] < npmi_from_counts(joint, expert_count, condition, tokens)[0] < high[0]
+    assert low[0] < npmi_from_counts(joint, expert_tokens, condition, tokens)[0] < high[0]
 
     rng = np.random.default_rng(0)
     draws = rng.binomial(30, 0.1, size=4000).astype(np.float64)  # p(expert) = 0.1, independent of the marker
@@ -512,9 +538,9 @@ def test_ftri_specs_and_marks_take_only_experts_the_target_over_uses(planted_dom
     table = analysis.ftri_scores(store, "domain", "a", permutations=0)
     positive = table[table["difference"] > 0]
     assert 0 < len(positive) < len(table)
-    from moelens.analysis.ftri import specific_experts
+    from moelens.analysis.ftri import top_experts
 
-    marked = specific_experts(table, len(table))  # ask for every row: only the over-used come back
+    marked = top_experts(table, len(table))  # ask for every row: only the over-used come back
     assert sum(len(e) for e in marked.values()) == len(positive)
     assert {(l, e) for l, es in marked.items() for e in es} == set(zip(positive["layer"], positive["expert"]))
     spec = analysis.ftri_spec(table, len(table)).to_dict()["interventions"][0]

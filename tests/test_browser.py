@@ -60,9 +60,13 @@ class Lab:
         self.page, self.url = page, url
         self.ran: dict[str, list[dict]] = {}
 
+    def command(self, name: str, args: dict | None = None) -> None:
+        """Run a JupyterLab command and wait for it (its result, often a widget, is not sent back)."""
+        self.page.evaluate("([name, args]) => window.jupyterapp.commands.execute(name, args).then(() => null)", [name, args or {}])
+
     def open(self, name: str) -> None:
         """Show notebook ``name`` (opening it and waiting for its idle kernel the first time)."""
-        self.page.evaluate(f"window.jupyterapp.commands.execute('docmanager:open', {{path: {json.dumps(name + '.ipynb')}}})")
+        self.command("docmanager:open", {"path": name + ".ipynb"})
         self.page.wait_for_function(
             """name => { const w = window.jupyterapp.shell.currentWidget;
                 return w && w.context && w.context.path === name && w.sessionContext.session
@@ -74,22 +78,26 @@ class Lab:
         """Run every cell of notebook ``name`` through the UI; its outputs as nbformat dicts."""
         if name not in self.ran:
             self.open(name)
-            self.page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            self.command("notebook:run-all-cells")
             self.wait_idle()
-            self.ran[name] = self.page.evaluate(
-                "() => window.jupyterapp.shell.currentWidget.content.widgets.flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : [])"
-            )
+            # as a JSON string: plotly outputs nest deeper than Playwright's own serialisation goes
+            self.ran[name] = json.loads(self.page.evaluate(
+                "() => JSON.stringify(window.jupyterapp.shell.currentWidget.content.widgets.flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : []))"
+            ))
         else:
             self.open(name)
         return self.ran[name]
 
     def wait_idle(self) -> None:
-        """Wait until the current notebook's kernel is idle and every code cell has run."""
+        """Wait until the current notebook's kernel is idle and every code cell has run (or one failed)."""
         self.page.wait_for_function(
             """() => { const w = window.jupyterapp.shell.currentWidget;
                 const cells = w.content.widgets.filter(c => c.model.type === 'code');
-                return w.sessionContext.session.kernel.status === 'idle' && cells.every(c => c.model.executionCount !== null
-                    && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*')) }""",
+                const running = cells.some(c => c.node.querySelector('.jp-InputPrompt').textContent.includes('*'));
+                // run-all stops at an error: the cells after it never run
+                const failed = cells.some(c => c.model.outputs.toJSON().some(o => o.output_type === 'error'));
+                return w.sessionContext.session.kernel.status === 'idle' && !running
+                    && (failed || cells.every(c => c.model.executionCount !== null)) }""",
             timeout=RUN_TIMEOUT_MS, polling=500,
         )
 
@@ -100,17 +108,17 @@ class Lab:
                 notebook.activeCellIndex = notebook.widgets.length - 1;
                 return app.commands.execute('notebook:insert-cell-below').then(() => {
                     notebook.activeCell.model.sharedModel.setSource(code);
-                    return app.commands.execute('notebook:run-cell'); }) }""",
+                    return app.commands.execute('notebook:run-cell'); }).then(() => null) }""",
             code,
         )
         self.wait_idle()
-        outputs = self.page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCell.model.outputs.toJSON()")
+        outputs = json.loads(self.page.evaluate("() => JSON.stringify(window.jupyterapp.shell.currentWidget.content.activeCell.model.outputs.toJSON())"))
         errors = [o for o in outputs if o["output_type"] == "error"]
         assert not errors, errors
         return "".join("".join(o.get("text", "")) for o in outputs if o["output_type"] == "stream")
 
     def theme(self, name: str) -> None:
-        self.page.evaluate(f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: {json.dumps(name)}}})")
+        self.command("apputils:change-theme", {"theme": name})
         light = "true" if "Light" in name else "false"
         self.page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=30_000)
         self.page.wait_for_timeout(500)  # the theme's stylesheet applies after the attribute

@@ -68,7 +68,7 @@ def test_top_contexts_are_ordered_by_weight_then_rank_then_position(store):
 def ftri_table(rows: list[tuple[int, int, float]]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["layer", "expert", "difference"])
     table = table.sort_values("difference", ascending=False).reset_index(drop=True)
-    table.insert(0, "rank", range(1, len(table) + 1))
+    table.insert(0, "place", range(1, len(table) + 1))
     table["target_rate"], table["reference_rate"], table["q_value"] = 0.5, 0.5 - table["difference"], 0.01
     return table
 
@@ -79,12 +79,12 @@ def test_contrasts_and_markers_are_the_experts_rows_best_first(store):
         "math": ftri_table([(1, 2, 0.3), (2, 2, 0.5)]),
         "prose": ftri_table([(1, 2, -0.2)]),
     }
-    npmi = pd.DataFrame({"rank": [1, 2], "layer": [1, 1], "expert": [2, 4], "npmi": [0.42, 0.9], "npmi_low": [0.3, 0.8],
-                         "npmi_high": [0.5, 0.95], "joint": [12, 30]})
-    combined = pd.DataFrame({"rank": [1], "layer": [1], "expert": [2], "score": [0.7]})
+    npmi = pd.DataFrame({"place": [1, 2], "layer": [1, 1], "expert": [2, 4], "npmi": [0.42, 0.9], "npmi_low": [0.3, 0.8],
+                         "npmi_high": [0.5, 0.95], "joint_tokens": [12, 30]})
+    combined = pd.DataFrame({"place": [1], "layer": [1], "expert": [2], "score": [0.7]})
     card = expert_card(store, 1, 2, ftri=ftri, npmi={"def": npmi, "think": combined}, top=2)
-    assert [(c.label, c.rank, c.difference) for c in card.contrasts] == [("math", 2, 0.3), ("code", 2, 0.1)]
-    assert [(m.label, m.npmi, m.npmi_low, m.joint) for m in card.markers] == [("think", 0.7, None, None), ("def", 0.42, 0.3, 12)]
+    assert [(c.label, c.place, c.difference) for c in card.contrasts] == [("math", 2, 0.3), ("code", 2, 0.1)]
+    assert [(m.label, m.npmi, m.npmi_low, m.joint_tokens) for m in card.markers] == [("think", 0.7, None, None), ("def", 0.42, 0.3, 12)]
     single = expert_card(store, 1, 2, ftri=ftri["code"])
     assert [c.label for c in single.contrasts] == ["fTRI"]
     with pytest.raises(ValueError, match=r"the fTRI table 'bad' lacks the columns \['q_value'\]"):

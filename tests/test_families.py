@@ -228,8 +228,8 @@ def test_coverage_of_the_installed_transformers():
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_pruned_export_round_trips(model_type, tmp_path):
-    """Where the family allows it, the exported checkpoint computes what the prune intervention does."""
-    from moelens.interventions import prune
+    """Where the family allows it, the exported (pruned) checkpoint computes what the keep intervention does."""
+    from moelens.interventions import keep as keep_experts
     from moelens.interventions.export import export_pruned
     from moelens.interventions.spec import SpecError
     from moelens.zoo.tiny import build_byte_tokenizer
@@ -239,10 +239,10 @@ def test_pruned_export_round_trips(model_type, tmp_path):
     keep_count = max(layers[0].top_k, layers[0].num_experts // 2)
     keep = {layer.index: list(range(1, keep_count + 1)) for layer in layers}
     batch = _batch(model)
-    with torch.no_grad(), intervene(model, prune(keep)):
+    with torch.no_grad(), intervene(model, keep_experts(keep)):
         expected = model(**batch).logits
     try:
-        export_pruned(model, build_byte_tokenizer(), prune(keep), tmp_path / "pruned")
+        export_pruned(model, build_byte_tokenizer(), keep_experts(keep), tmp_path / "pruned")
     except SpecError as refusal:
         pytest.skip(f"{model_type}: export refused: {refusal}")
     reloaded = type(model).from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()

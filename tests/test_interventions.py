@@ -21,12 +21,14 @@ from moelens.interventions import (
     disable,
     force,
     intervene,
+    keep,
     logit_bias,
-    prune,
     rank,
     reweight,
+    top_k,
     top_p,
 )
+from moelens.interventions.apply import bind
 from moelens.interventions.contrast import contrast_logits, generate_contrast
 from moelens.zoo.tiny import TINY_FAMILIES
 from tests.conftest import PROMPTS
@@ -172,7 +174,7 @@ def test_reweight_multiplies_the_chosen_weight(routed):
     torch.testing.assert_close(weights[indices == target].float(), 8 * base_w[hit].float(), rtol=1e-4, atol=1e-5)
 
 
-def test_rank_2_routes_to_the_second_best_with_weight_one(routed):
+def test_rank_1_routes_to_the_second_choice_with_weight_one(routed):
     model, _, batch = routed
     layer = moe_layers(model)[0]
     if model.config.model_type in ("deepseek_v2", "deepseek_v3"):
@@ -184,7 +186,7 @@ def test_rank_2_routes_to_the_second_best_with_weight_one(routed):
 
     handle = layer.router.register_forward_hook(keep_logits)
     try:
-        _, seen = _run(model, batch, rank(2))
+        _, seen = _run(model, batch, rank(1))
     finally:
         handle.remove()
     indices, weights = seen[layer.index]
@@ -197,7 +199,7 @@ def test_rank_weight_carries_the_routed_scaling_factor(family):
     """SCMoE's weak expert on the family's scale: what the experts receive is routed_scaling_factor."""
     model, tokenizer = moelens.load(f"tiny:{family}")
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    _, seen = _run(model, batch, rank(2))
+    _, seen = _run(model, batch, rank(1))
     scale = model.config.routed_scaling_factor
     assert scale != 1.0 and seen
     for indices, weights in seen.values():
@@ -207,12 +209,12 @@ def test_rank_weight_carries_the_routed_scaling_factor(family):
         torch.testing.assert_close(filled, torch.full_like(filled, scale))
 
 
-def test_prune_keeps_only_the_given_experts(routed):
+def test_keep_routes_only_to_the_given_experts(routed):
     model, _, batch = routed
     layer = moe_layers(model)[0]
-    keep = list(range(0, layer.num_experts, 2))
-    _, seen = _run(model, batch, prune({layer.index: keep}))
-    assert torch.isin(seen[layer.index][0], torch.tensor(keep)).all()
+    kept = list(range(0, layer.num_experts, 2))
+    _, seen = _run(model, batch, keep({layer.index: kept}))
+    assert torch.isin(seen[layer.index][0], torch.tensor(kept)).all()
 
 
 def test_token_scope_generated_leaves_the_prompt_alone():
@@ -275,8 +277,8 @@ def test_spec_json_round_trip():
         + reweight({1: [2]}, 64.0, renormalize=True)
         + logit_bias({2: {4: -1.5}}, tokens=[0, 3])
         + top_p(0.4, max_k=6, layers=[1])
-        + rank(2)
-        + prune({2: [0, 1, 2, 3]})
+        + rank(1)
+        + keep({2: [0, 1, 2, 3]})
     )
     assert Intervention.from_json(spec.to_json()) == spec
 
@@ -313,6 +315,93 @@ def test_specs_written_with_the_old_flag_fields_still_load(old, mode):
     assert Intervention.from_json(text) == disable({1: [3]}, mode=mode, tokens="prompt")
 
 
+# --- one vocabulary: spec format version 2, and version-less (version 1) specs keep their meaning -----------
+def test_specs_are_written_as_version_2_with_the_new_words():
+    data = (top_p(0.5, layers=[2]) + top_k(1, layers=[1]) + rank(1, layers=[1, 2]) + keep({1: [0, 2, 4]})).to_dict()
+    assert data["version"] == 2
+    assert [part["kind"] for part in data["interventions"]] == ["top_p", "top_k", "rank", "keep"]
+    assert [part["layers"] for part in data["interventions"][:3]] == [[2], [1], [1, 2]]
+    assert data["interventions"][2]["rank"] == 1
+    assert data["interventions"][3]["experts"] == {"1": [0, 2, 4]}
+    assert not any("only_layers" in part or "keep" in part for part in data["interventions"])
+    assert Intervention.from_dict(data) == Intervention.from_json(json.dumps(data))
+
+
+def test_part_fields_and_touched_layers():
+    part = rank(layers=[2, 1, 2]).parts[0]
+    assert part.rank == 1 and part.layers == (1, 2) and part.touched_layers() == (1, 2)
+    assert top_p(0.5).parts[0].layers is None and top_p(0.5).parts[0].touched_layers() is None
+    assert keep({2: [3, 1]}).parts[0].experts == {2: (1, 3)} and keep({2: [3, 1]}).parts[0].touched_layers() == (2,)
+    assert disable({1: [0], 2: [1]}).parts[0].touched_layers() == (1, 2)
+
+
+def test_an_old_rank_spec_loads_as_the_same_choice_and_routes_exactly_as_before():
+    """A version-less spec counted ranks from 1: its rank 2 (SCMoE's second choice) is rank(1) now."""
+    old = '{"interventions": [{"kind": "rank", "rank": 2, "only_layers": [1], "tokens": "all"}]}'
+    spec = Intervention.from_json(old)
+    assert spec == rank(1, layers=[1])
+    model, tokenizer = moelens.load("tiny:qwen2_moe")  # MoE layers 1 and 2
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    layer = moe_layers(model)[0]
+    router_logits = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: router_logits.append(output[0].float()))
+    try:
+        _, seen = _run(model, batch, spec)
+    finally:
+        handle.remove()
+    indices, weights = seen[layer.index]
+    second = router_logits[-1][batch["attention_mask"].reshape(-1).bool()].topk(2, dim=-1).indices[:, 1]
+    assert torch.equal(indices[:, 0], second) and (weights == 1).all()
+    assert [plan.layer.index for plan in bind(model, spec)] == [1]  # only_layers [1]: layer 2 keeps its own routing
+    # and the new spec written back says the same thing in version 2's words
+    assert Intervention.from_json(spec.to_json()) == spec
+    assert json.loads(spec.to_json())["interventions"][0]["rank"] == 1
+
+
+def test_rank_0_is_the_routers_first_choice():
+    model, tokenizer = moelens.load("tiny:qwen2_moe")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    _, first = _run(model, batch, rank(0))
+    _, top1 = _run(model, batch, top_k(1))
+    for index in first:
+        assert torch.equal(first[index][0][:, 0], top1[index][0][:, 0])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param({"kind": "rank", "rank": 2}, rank(1), id="rank-2-is-the-second-choice"),
+        pytest.param({"kind": "rank", "rank": 1, "only_layers": None}, rank(0), id="rank-1-is-the-first-choice"),
+        pytest.param({"kind": "rank"}, rank(1), id="rank-default"),
+        pytest.param({"kind": "prune", "keep": {"1": [0, 1, 2]}}, keep({1: [0, 1, 2]}), id="prune-is-keep"),
+        pytest.param({"kind": "top_p", "p": 0.5, "only_layers": [2]}, top_p(0.5, layers=[2]), id="top-p-only-layers"),
+        pytest.param({"kind": "top_k", "k": 1, "only_layers": [1, 2]}, top_k(1, layers=[1, 2]), id="top-k-only-layers"),
+    ],
+)
+def test_version_less_specs_keep_their_meaning(old, new):
+    assert Intervention.from_json(json.dumps({"interventions": [old]})) == new
+    assert Intervention.from_dict({"version": 1, "interventions": [old]}) == new
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param({"interventions": [{"kind": "rank", "rank": 0}]}, 'rank 0 in a spec without "version" (format 1, ranks counted from 1)', id="old-rank-zero"),
+        pytest.param({"version": 2, "interventions": [{"kind": "rank", "rank": 1, "only_layers": [1]}]}, "unknown field(s) 'only_layers' for kind 'rank'", id="v2-only-layers"),
+        pytest.param({"version": 2, "interventions": [{"kind": "rank", "only_layers": [1]}]}, 'version 2 calls "only_layers" "layers"', id="v2-only-layers-hint"),
+        pytest.param({"version": 2, "interventions": [{"kind": "prune", "keep": {"1": [0]}}]}, "unknown kind 'prune'", id="v2-prune"),
+        pytest.param({"version": 2, "interventions": [{"kind": "prune", "keep": {"1": [0]}}]}, 'calls restricting routing to kept experts "keep"', id="v2-prune-hint"),
+        pytest.param({"interventions": [{"kind": "rank", "rank": 1, "layers": [1]}]}, 'a rank part with "layers" in a spec without "version" is ambiguous', id="old-rank-with-new-layers"),
+        pytest.param({"version": 3, "interventions": []}, "unknown spec format version 3", id="future-version"),
+        pytest.param({"version": 2, "interventions": [{"kind": "keep", "experts": {"1": [0, 1]}, "tokens": "prompt"}]}, "keep applies to every token", id="keep-scoped"),
+    ],
+)
+def test_version_errors_name_the_problem(data, message):
+    with pytest.raises(SpecError) as error:
+        Intervention.from_dict(data)
+    assert message in str(error.value)
+
+
 def test_an_old_spec_with_renormalized_rerouting_says_how_to_update_it():
     text = '{"interventions": [{"kind": "disable", "experts": {"1": [3]}, "mode": "reroute", "renormalize": true}]}'
     with pytest.raises(SpecError, match='renormalize applies to dropping only.*"kind": "drop", "renormalize": true'):
@@ -323,7 +412,7 @@ def test_an_old_spec_with_renormalized_rerouting_says_how_to_update_it():
     ("spec", "message"),
     [
         pytest.param(force({1: [0]}) + top_p(0.5), "top_p and force apply to the same tokens", id="force-and-top-p"),
-        pytest.param(rank(2) + top_p(0.5), "top_p and rank apply to the same tokens", id="rank-and-top-p"),
+        pytest.param(rank(1) + top_p(0.5), "top_p and rank apply to the same tokens", id="rank-and-top-p"),
     ],
 )
 def test_alternative_selections_for_the_same_tokens_are_refused_at_bind(spec, message):
@@ -354,7 +443,7 @@ def test_bad_spec_files(spec_json, message):
         pytest.param(lambda: reweight({1: [0]}, -2), "factor must be a finite number > 0", id="factor-negative"),
         pytest.param(lambda: top_p(0.0), r"p must be in \(0, 1\]", id="p-zero"),
         pytest.param(lambda: top_p(1.5), r"p must be in \(0, 1\]", id="p-above-one"),
-        pytest.param(lambda: rank(0), "r must be an integer >= 1", id="rank-zero"),
+        pytest.param(lambda: rank(-1), r"r must be an integer >= 0, got -1; rank r counts from 0 \(0 = the router's first choice\)", id="rank-negative"),
         pytest.param(lambda: disable({1: [0]}, mode="erase"), "mode='erase'", id="unknown-mode"),
     ],
 )
@@ -372,7 +461,7 @@ def test_bad_values_fail_at_construction(build, message):
         pytest.param(disable({1: list(range(8))}), "leaves 0 of 8 experts, fewer than top-k = 2", id="disable-every-expert"),
         pytest.param(disable({1: [3]}) + force({1: [3]}), "expert 3 is both forced and disabled", id="force-and-disable"),
         pytest.param(force({1: [0, 1, 2]}), "3 experts forced in layer 1, but only top-k = 2 slots exist", id="force-more-than-k"),
-        pytest.param(rank(9), "rank 9 is larger than the 8 experts of layer 1", id="rank-above-experts"),
+        pytest.param(rank(8), "rank 8 is out of range for the 8 experts of layer 1 (ranks 0-7); rank r counts from 0 (0 = the router's first choice)", id="rank-above-experts"),
     ],
 )
 def test_specs_that_do_not_fit_the_model(spec, message):
@@ -421,7 +510,7 @@ def _two_pass_contrast(model, tokenizer, prompt, *, beta, alpha, steps):
     for _ in range(steps):
         with torch.no_grad():
             strong = model(input_ids=ids).logits[0, -1].float()
-            with intervene(model, rank(2)):
+            with intervene(model, rank(1)):
                 weak = model(input_ids=ids).logits[0, -1].float()
         score = (1 + beta) * strong - beta * weak
         score[strong < strong.max() + math.log(alpha)] = -math.inf
@@ -477,8 +566,8 @@ def test_exported_pruned_checkpoint_matches_the_prune_intervention(tmp_path, fam
         for layer in layers:
             layer.router.num_group = layer.router.topk_group = 1
     keep_count = max(layers[0].top_k, layers[0].num_experts // 2)
-    keep = {layer.index: sorted(torch.randperm(layer.num_experts, generator=torch.Generator().manual_seed(layer.index))[:keep_count].tolist()) for layer in layers}
-    spec = prune(keep)
+    kept = {layer.index: sorted(torch.randperm(layer.num_experts, generator=torch.Generator().manual_seed(layer.index))[:keep_count].tolist()) for layer in layers}
+    spec = keep(kept)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad(), intervene(model, spec), moelens.trace(model) as masked:
         expected = model(**batch).logits
@@ -490,7 +579,7 @@ def test_exported_pruned_checkpoint_matches_the_prune_intervention(tmp_path, fam
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
     remapped = physical.routes.copy()
-    remapped["expert"] = [keep[layer][e] for layer, e in zip(remapped["layer"], remapped["expert"])]
+    remapped["expert"] = [kept[layer][e] for layer, e in zip(remapped["layer"], remapped["expert"])]
     assert remapped["expert"].tolist() == masked.routes["expert"].tolist()
 
 
@@ -499,9 +588,9 @@ def test_export_refuses_unequal_or_partial_keep_lists(tmp_path):
 
     model, tokenizer = moelens.load("tiny:qwen2_moe")  # MoE layers 1 and 2
     with pytest.raises(SpecError, match=r"MoE layers \[2\] have no keep list"):
-        export_pruned(model, tokenizer, prune({1: [0, 1, 2]}), tmp_path)
+        export_pruned(model, tokenizer, keep({1: [0, 1, 2]}), tmp_path)
     with pytest.raises(SpecError, match=r"same number of experts.*\[3, 4\]"):
-        export_pruned(model, tokenizer, prune({1: [0, 1, 2], 2: [0, 1, 2, 3]}), tmp_path)
+        export_pruned(model, tokenizer, keep({1: [0, 1, 2], 2: [0, 1, 2, 3]}), tmp_path)
     group_model, group_tokenizer = moelens.load("tiny:deepseek_v2")
     with pytest.raises(SpecError, match="routes within 4 expert groups"):
-        export_pruned(group_model, group_tokenizer, prune({1: list(range(4)), 2: list(range(4))}), tmp_path)
+        export_pruned(group_model, group_tokenizer, keep({1: list(range(4)), 2: list(range(4))}), tmp_path)

@@ -97,7 +97,7 @@ def _controls(kind: str, num_tokens: int, num_experts: int, top_k: int, gen: tor
         "multiplier_renorm": lambda: RoutingControls(multiplier=MultiplyWeights(factors, renormalize=True)),
         "top_p": lambda: RoutingControls(select=TopPSelect(0.4, max_k=min(num_experts, 2 * top_k))),
         "top_p_renorm": lambda: RoutingControls(select=TopPSelect(0.7, renormalize=True)),
-        "rank": lambda: RoutingControls(select=RankSelect(min(2, num_experts))),
+        "rank": lambda: RoutingControls(select=RankSelect(min(1, num_experts - 1))),  # the second choice
         "masked_disable": lambda: RoutingControls(
             disable=_mask(num_experts, quarter, gen), token_mask=torch.rand(num_tokens, generator=gen) < 0.5
         ),
@@ -296,7 +296,7 @@ def test_reproduces_family_router(request: pytest.FixtureRequest, route_impl: st
 # --------------------------------------------------------------------------- (c) planted semantics
 
 SOFTMAX_RENORM = RoutingRule(2, "softmax", renormalize=True)
-PLANTED_LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])  # expert e ranks e + 1
+PLANTED_LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])  # expert e has rank e (0 = the first choice)
 
 
 def _softmax_of(*logits: float) -> list[float]:
@@ -342,15 +342,21 @@ def test_planted_multiplier(impl: str) -> None:
     assert _planted(impl, multiplier=MultiplyWeights(factor, renormalize=True))[0] == pytest.approx(renormalized)
 
 
-def test_planted_rank_two_routes_to_second_best_with_weight_one(impl: str) -> None:
-    assert _planted(impl, select=RankSelect(2)) == ([1.0], [1])
-    assert _planted(impl, select=RankSelect(2), disable=_bools(5, 1)) == ([1.0], [2])
+def test_planted_rank_one_routes_to_the_second_choice_with_weight_one(impl: str) -> None:
+    assert _planted(impl, select=RankSelect(1)) == ([1.0], [1])
+    assert _planted(impl, select=RankSelect(1), disable=_bools(5, 1)) == ([1.0], [2])
+
+
+def test_planted_rank_counts_from_zero(impl: str) -> None:
+    """RankSelect(r) is the trace's routes.rank r: 0 = the router's first choice."""
+    assert _planted(impl, select=RankSelect(0)) == ([1.0], [0])
+    assert _planted(impl, select=RankSelect(0), disable=_bools(5, 0)) == ([1.0], [1])
 
 
 def test_rank_weight_is_the_familys_routed_scale(impl: str) -> None:
     """DeepSeek's top-k weights sum to routed_scaling_factor: its one weak expert gets that factor."""
     scaled = RoutingRule(2, "sigmoid", renormalize=True, scaling=2.5)
-    weights, indices = route(PLANTED_LOGITS, scaled, controls=RoutingControls(select=RankSelect(2)), impl=impl)
+    weights, indices = route(PLANTED_LOGITS, scaled, controls=RoutingControls(select=RankSelect(1)), impl=impl)
     assert (weights[0].tolist(), indices[0].tolist()) == ([2.5], [1])
     assert route(PLANTED_LOGITS, scaled, impl=impl)[0].sum().item() == pytest.approx(2.5)  # the family's own scale
 
@@ -412,7 +418,7 @@ def test_top_p_weights_on_a_sigmoid_family_keep_its_scale(impl: str) -> None:
 
 def test_planted_token_mask_leaves_other_tokens_untouched(impl: str) -> None:
     logits = PLANTED_LOGITS.expand(2, -1)
-    controls = RoutingControls(disable=_bools(5, 0), select=RankSelect(1), token_mask=torch.tensor([True, False]))
+    controls = RoutingControls(disable=_bools(5, 0), select=RankSelect(0), token_mask=torch.tensor([True, False]))
     weights, indices = route(logits, SOFTMAX_RENORM, controls=controls, impl=impl)
     assert indices.tolist() == [[1, 5], [0, 1]]  # K = top_k: the masked token's second slot is empty
     assert weights[0].tolist() == [1.0, 0.0]
@@ -473,10 +479,11 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
             ValueError, r"TopPSelect max_k=9 is outside \[1, 8\]", id="top-p-max-k",
         ),
         pytest.param(
-            RoutingControls(select=RankSelect(9)), ValueError, r"RankSelect rank=9 is outside \[1, 8\]", id="rank-above-E",
+            RoutingControls(select=RankSelect(8)), ValueError,
+            r"RankSelect rank=8 is outside \[0, 7\]; rank r counts from 0 \(0 = the router's first choice\)", id="rank-above-E",
         ),
         pytest.param(
-            RoutingControls(select=RankSelect(0)), ValueError, r"RankSelect rank=0 is outside \[1, 8\]", id="rank-zero",
+            RoutingControls(select=RankSelect(-1)), ValueError, r"RankSelect rank=-1 is outside \[0, 7\]", id="rank-negative",
         ),
         pytest.param(
             RoutingControls(logit_bias=torch.zeros(E + 1)),
@@ -509,8 +516,8 @@ def test_validation_errors(controls: RoutingControls, error: type[Exception], ma
     "build",
     [
         pytest.param(lambda: RoutingControls(rank=2, top_p=0.5), id="rank-with-top-p"),  # alternative selections
-        pytest.param(lambda: RoutingControls(force=_bools(E, 1), select=RankSelect(2)), id="force-with-rank"),
-        pytest.param(lambda: RankSelect(2, force=_bools(E, 1)), id="force-inside-rank"),
+        pytest.param(lambda: RoutingControls(force=_bools(E, 1), select=RankSelect(1)), id="force-with-rank"),
+        pytest.param(lambda: RankSelect(1, force=_bools(E, 1)), id="force-inside-rank"),
         pytest.param(lambda: TopPSelect(0.5, force=_bools(E, 1)), id="force-inside-top-p"),
         pytest.param(lambda: RoutingControls(drop_renormalize=True), id="renormalize-without-drop"),
     ],

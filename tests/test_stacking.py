@@ -154,10 +154,10 @@ def _two_pass_contrast(model, tokenizer, prompt, *, strong, weak, beta, alpha, s
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_generate_contrast_applies_the_strong_spec(family):
     model, tokenizer = moelens.load(f"tiny:{family}")
-    strong = rank(3)  # a drastic strong routing: each token's third-best expert only
+    strong = rank(2)  # a drastic strong routing: each token's third choice only (ranks count from 0)
     got = generate_contrast(model, tokenizer, PROMPTS[2:3], strong=strong, max_new_tokens=5).new_tokens[0].tolist()
-    expected = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=strong, weak=rank(2), beta=0.5, alpha=0.1, steps=5).tolist()
-    ignored = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=Intervention(), weak=rank(2), beta=0.5, alpha=0.1, steps=5).tolist()
+    expected = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=strong, weak=rank(1), beta=0.5, alpha=0.1, steps=5).tolist()
+    ignored = _two_pass_contrast(model, tokenizer, PROMPTS[2], strong=Intervention(), weak=rank(1), beta=0.5, alpha=0.1, steps=5).tolist()
     if tokenizer.eos_token_id in expected:
         expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
     assert got[: len(expected)] == expected
@@ -200,7 +200,8 @@ def test_generate_contrast_can_ban_eos():
 
 def test_one_definition_of_rank_for_traces_and_rank_r_on_deepseek_v3():
     """DeepSeek-V3 chooses by sigmoid(logit) + correction bias but weighs by sigmoid(logit) alone:
-    a trace's rank r-1 and rank(r) are both the r-th expert in the choice order, computed here by hand."""
+    a trace's rank r and rank(r) are both the (r + 1)-th expert in the choice order (both count from 0),
+    computed here by hand."""
     model, tokenizer = moelens.load("tiny:deepseek_v3")
     layer = moe_layers(model)[0]
     batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
@@ -219,6 +220,7 @@ def test_one_definition_of_rank_for_traces_and_rank_r_on_deepseek_v3():
     assert torch.equal(got, expected)
     by_weight = routes.sort_values(["position", "weight"], ascending=[True, False], kind="stable")
     assert (by_weight["expert"].to_numpy() != routes["expert"].to_numpy()).any(), "weight and choice order must differ somewhere here"
-    for r in range(1, layer.top_k + 1):
+    for r in range(layer.top_k):
         indices, _ = _received(model, batch, rank(r, layers=[layer.index]))[layer.index]
-        assert torch.equal(indices[:, 0], expected[:, r - 1]), r
+        assert torch.equal(indices[:, 0], expected[:, r]), r
+        assert torch.equal(indices[:, 0], got[:, r]), r  # the trace's routes.rank r

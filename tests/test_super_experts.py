@@ -16,13 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from moelens.analysis import _profiling_experts as profiling
-from moelens.analysis.easy_ep import expert_importance, to_prune_spec, top_experts
+from moelens.analysis.easy_ep import combined_importance, expert_importance
+from moelens.analysis.easy_ep import to_spec as easy_ep_spec
+from moelens.analysis.easy_ep import top_experts as easy_ep_top_experts
 from moelens.analysis.super_experts import (
+    DropReport,
     SuperExpertOptions,
     detect_super_experts,
+    drop_report,
     profile_super_experts,
-    prune_report,
     sink_decay,
+    to_spec,
+    top_experts,
 )
 from moelens.hooks.adapters import UnsupportedModelError, moe_layers
 from tests.conftest import PROMPTS, _tiny
@@ -219,20 +224,24 @@ def test_a_planted_super_expert_is_detected_and_only_it():
     report = profile_super_experts(model, tokenizer, PROMPTS, options=SuperExpertOptions(batch_size=4))
     found = report.super_experts
     assert list(zip(found["layer"], found["expert"], found["kind"])) == [(first_layer.index, planted, "routed")]
-    assert report.to_disable() == {first_layer.index: [planted]}
+    assert top_experts(report) == top_experts(report, 1) == {first_layer.index: [planted]}
+    from moelens.interventions import Drop, disable
+
+    assert to_spec(report).to_dict() == disable({first_layer.index: [planted]}, mode=Drop()).to_dict()
     assert found["max_output"].iloc[0] > 100 * clean.experts["max_output"].max()
     assert model.config._attn_implementation == attention
     assert model.config._experts_implementation == experts_implementation
     assert report.sinks["sink_mass"].between(0, 1).all() and len(report.sinks) == 3 * model.config.num_attention_heads
 
-    pruned = prune_report(model, tokenizer, PROMPTS, report, seeds=(0, 1))
-    assert pruned.runs["condition"].tolist() == ["baseline", "super", "random", "random"]
-    assert pruned.runs["experts"].tolist() == [0, 1, 1, 1]
-    assert pruned.runs.loc[0, ["delta_loss", "sink_decay"]].tolist() == [0.0, 0.0]
-    assert pruned.dropped["super"] == {first_layer.index: [planted]}
+    dropped = drop_report(model, tokenizer, PROMPTS, report, seeds=(0, 1))
+    assert isinstance(dropped, DropReport)
+    assert dropped.runs["condition"].tolist() == ["baseline", "super", "random", "random"]
+    assert dropped.runs["experts"].tolist() == [0, 1, 1, 1]
+    assert dropped.runs.loc[0, ["delta_loss", "sink_decay"]].tolist() == [0.0, 0.0]
+    assert dropped.dropped["super"] == {first_layer.index: [planted]}
     # dropping the planted expert removes the huge activations it wrote into the residual stream
-    super_run = pruned.runs.set_index("condition").loc["super"]
-    assert super_run["max_massive"] < pruned.runs.loc[0, "max_massive"] / 10
+    super_run = dropped.runs.set_index("condition").loc["super"]
+    assert super_run["max_massive"] < dropped.runs.loc[0, "max_massive"] / 10
 
 
 def test_massive_activations_and_sinks_equal_a_direct_reading():
@@ -335,13 +344,25 @@ def test_easy_ep_scores_equal_a_brute_force_computation(family):
     np.testing.assert_allclose(merged["score"], merged["brute"], rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(table.groupby(["domain", "layer"])["normalised"].sum(), 1.0)
 
-    top = top_experts(table, 2)
+    top = combined_importance(table, 2)
     combined = table.groupby(["layer", "expert"])["normalised"].sum()
     for layer, group in top.groupby("layer"):
         assert group["combined"].tolist() == sorted(combined.loc[layer], reverse=True)[:2]
-    spec = to_prune_spec(table, 2).to_dict()["interventions"][0]
-    assert spec["kind"] == "prune"
-    assert spec["keep"] == {str(l): sorted(g["expert"].tolist()) for l, g in top.groupby("layer")}
+        assert group["place"].tolist() == [1, 2]
+    assert easy_ep_top_experts(table, 2) == {l: sorted(g["expert"].tolist()) for l, g in top.groupby("layer")}
+    spec = easy_ep_spec(table, 2).to_dict()["interventions"][0]
+    assert spec["kind"] == "keep"
+    assert spec["experts"] == {str(l): sorted(g["expert"].tolist()) for l, g in top.groupby("layer")}
+
+
+def test_drop_and_keep_names_are_the_public_ones():
+    """One vocabulary: dropping super experts is drop_report; EASY-EP's spec keeps experts (kind "keep")."""
+    from moelens import analysis
+
+    assert analysis.drop_report is drop_report and analysis.DropReport is DropReport
+    assert analysis.easy_ep_spec is easy_ep_spec and analysis.super_experts_spec is to_spec
+    assert analysis.easy_ep_top_experts is easy_ep_top_experts and analysis.super_experts_top_experts is top_experts
+    assert not hasattr(analysis, "prune_report") and not hasattr(analysis, "PruneReport")
 
 
 # --- (e) sink decay -------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_in_memory_trace_with_tags_equals_the_collected_store(tiny_model, tmp_pa
     # every analysis gives the same table on either kind of trace
     results = {
         "ftri": lambda t: analysis.ftri_scores(t, tag="domain", target="python", permutations=200, seed=1),
-        "npmi_tag": lambda t: analysis.npmi_scores(t, tag={"domain": "de"}, min_count=1),
+        "npmi_tag": lambda t: analysis.npmi_scores(t, where={"domain": "de"}, min_count=1),
         "npmi_regex": lambda t: analysis.npmi_scores(t, regex="^[0-9]", min_count=1),
         "frequency": lambda t: analysis.expert_frequency(t, ["domain", "position_class"]),
         "load_balance": lambda t: analysis.load_balance(t, ["domain"]),
@@ -95,7 +95,7 @@ def test_in_memory_trace_with_tags_equals_the_collected_store(tiny_model, tmp_pa
         got, expected = run(trace), run(store)
         assert len(expected) > 0, name
         _frames_equal(got, expected)
-    assert analysis.routing_stability(trace, store)["changed"].sum() == 0
+    assert analysis.routing_stability(trace, store)["changed_tokens"].sum() == 0
 
 
 def test_prompt_records_carry_ids_and_tags_and_refuse_bad_input(tiny_model):

@@ -37,15 +37,15 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     ftri.add_argument("--permutations", type=_permutations, default="auto",
                       help="most label permutations per feature: a number, or auto (default: 20 x features / 0.05)")
     ftri.add_argument("--seed", type=int, default=0)
-    ftri.add_argument("--spec", type=int, metavar="N", help="also write spec.json disabling the top N experts")
+    ftri.add_argument("--spec", type=int, metavar="N", help="also write spec.json dropping the N most target-specific experts (over all layers)")
 
     npmi = common(kinds.add_parser("npmi", help="nPMI association of experts with a token condition"))
     condition = npmi.add_mutually_exclusive_group(required=True)
     condition.add_argument("--marker", action="append", help="marker token; with a leading + or - (write --marker=-TOKEN) or repeated: a signed combined score")
     condition.add_argument("--regex", help="regular expression searched in the token strings")
-    condition.add_argument("--tag", action="append", metavar="COLUMN=VALUE", help="prompt tag condition (repeatable: all must hold)")
-    npmi.add_argument("--min-count", type=int, default=5, help="minimum joint count (support)")
-    npmi.add_argument("--spec", type=int, metavar="N", help="also write spec.json reweighting the top N experts")
+    condition.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="prompt tag condition (repeatable: all must hold)")
+    npmi.add_argument("--min-count", type=int, default=5, help="minimum support: joint tokens (condition and expert)")
+    npmi.add_argument("--spec", type=int, metavar="N", help="also write spec.json reweighting the top N experts (over all layers)")
     npmi.add_argument("--factor", type=float, default=64.0, help="reweighting factor for --spec (RICE's best value, 64)")
     for parser in (stats, ftri, npmi):
         parser.add_argument("--top", type=int, default=20, help="experts in the ranked bar chart")
@@ -118,8 +118,8 @@ def _permutations(value: str) -> int | str:
 def _ftri(tables: Any, args: argparse.Namespace) -> list[Path]:
     from moelens.analysis import figures, ftri
 
-    target = _typed_like(tables, args.tag, args.target)
-    reference = [_typed_like(tables, args.tag, value) for value in args.reference] if args.reference else None
+    target = _typed_like(tables, args.tag, args.target, "tag")
+    reference = [_typed_like(tables, args.tag, value, "tag") for value in args.reference] if args.reference else None
     table = ftri.ftri_scores(tables, args.tag, target, reference, permutations=args.permutations, seed=args.seed)
     plots = {
         "ftri_heatmap": figures.heatmap(table, "difference", title=f"fTRI: {args.tag} = {args.target} vs reference"),
@@ -142,28 +142,28 @@ def _npmi(tables: Any, args: argparse.Namespace) -> list[Path]:
     elif args.regex:
         table, value = npmi.npmi_scores(tables, regex=args.regex, min_count=args.min_count), "npmi"
     else:
-        pairs = [_split_tag(text) for text in args.tag]
-        tag = {column: _typed_like(tables, column, value) for column, value in pairs}
-        table, value = npmi.npmi_scores(tables, tag=tag, min_count=args.min_count), "npmi"
+        pairs = [_split_condition(text) for text in args.where]
+        where = {column: _typed_like(tables, column, value, "where") for column, value in pairs}
+        table, value = npmi.npmi_scores(tables, where=where, min_count=args.min_count), "npmi"
     plots = {"npmi_heatmap": figures.heatmap(table, value), "npmi_top": figures.ranked_bars(table, value, n=args.top)}
     paths = _save(args.out, {"npmi": table}, plots)
     if args.spec:
-        paths.append(_write_spec(args.out, npmi.to_spec(table, args.spec, args.factor)))
+        paths.append(_write_spec(args.out, npmi.to_spec(table, args.spec, factor=args.factor)))
     return paths
 
 
-def _split_tag(text: str) -> tuple[str, str]:
+def _split_condition(text: str) -> tuple[str, str]:
     column, sep, value = text.partition("=")
     if not sep or not column:
-        raise ValueError(f"--tag takes COLUMN=VALUE, got {text!r}")
+        raise ValueError(f"--where takes COLUMN=VALUE, got {text!r}")
     return column, value
 
 
-def _typed_like(tables: Any, column: str, value: str) -> Any:
+def _typed_like(tables: Any, column: str, value: str, role: str) -> Any:
     """The command-line string ``value`` converted to the type of the prompts column (numbers stay numbers)."""
     from moelens.analysis.stats import check_tags, one_row
 
-    check_tags(tables, [column])
+    check_tags(tables, [column], role)
     (kind,) = one_row(tables, "SELECT data_type FROM information_schema.columns WHERE table_name = 'prompts' AND column_name = ?", [column])
     if any(word in kind for word in ("INT", "DECIMAL", "DOUBLE", "FLOAT")):
         return float(value) if any(c in value for c in ".eE") else int(value)

@@ -68,26 +68,50 @@ def expert_importance(
     return pd.concat(parts, ignore_index=True)
 
 
-def top_experts(table: pd.DataFrame, n_per_layer: int) -> pd.DataFrame:
-    """The ``n_per_layer`` most important experts of each layer, domains combined by summing ``normalised``.
+def combined_importance(table: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+    """Each layer's experts ranked by their importance with the domains combined: an
+    :func:`expert_importance` table's ``normalised`` summed over domains per (layer, expert).
 
-    Returns ``layer``, ``expert``, ``combined``, ``rank`` (1 = most important); ties go to the lower expert id.
+    Returns columns ``layer``, ``expert``, ``combined`` (that sum: in [0, number of domains]) and
+    ``place`` (the expert's place within its layer, 1 = most important; ties go to the lower expert
+    id), sorted by layer then place; with ``n`` (>= 1) only places <= ``n``, i.e. ``n`` experts per layer.
     """
-    if n_per_layer < 1:
-        raise ValueError(f"n_per_layer must be at least 1, got {n_per_layer}")
+    from moelens.analysis._specs import check_count
+
+    check_count(n, optional=True)
     combined = table.groupby(["layer", "expert"], as_index=False)["normalised"].sum()
     combined = combined.rename(columns={"normalised": "combined"})
     ranked = combined.sort_values(["layer", "combined", "expert"], ascending=[True, False, True], kind="stable")
-    ranked["rank"] = ranked.groupby("layer").cumcount() + 1
-    return ranked[ranked["rank"] <= n_per_layer].reset_index(drop=True)
+    ranked["place"] = ranked.groupby("layer").cumcount() + 1
+    if n is not None:
+        ranked = ranked[ranked["place"] <= n]
+    return ranked.reset_index(drop=True)
 
 
-def to_prune_spec(table: pd.DataFrame, n_per_layer: int) -> Intervention:
-    """A ``moelens.interventions.prune`` spec keeping the :func:`top_experts` of every layer."""
-    from moelens.interventions import prune
+def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
+    """The ``n`` most important experts of every layer (``n`` per layer, not overall: EASY-EP's scores
+    are normalised within a layer and it keeps the same number in each), domains combined as in
+    :func:`combined_importance`, as {layer: sorted experts}; ``n`` >= 1."""
+    from moelens.analysis._specs import by_layer, check_count
 
-    top = top_experts(table, n_per_layer)
-    return prune({int(layer): sorted(int(e) for e in group["expert"]) for layer, group in top.groupby("layer")})
+    check_count(n)
+    return by_layer(combined_importance(table, n))
+
+
+def to_spec(table: pd.DataFrame, n: int, *, kind: str = "keep", **options: Any) -> Intervention:
+    """An intervention on :func:`top_experts` ``(table, n)``: the ``n`` most important experts of
+    every layer (per layer, not overall).
+
+    Kinds:
+        ``"keep"`` (default, EASY-EP's; the only one): routing in every layer is restricted to those
+            experts (``keep(experts)``); ``export_pruned`` of the spec writes the pruned checkpoint.
+
+    ``options`` go to the constructor (``keep`` takes none).
+    """
+    from moelens.analysis._specs import build
+    from moelens.interventions import keep
+
+    return build(kind, {"keep": keep}, top_experts(table, n), **options)
 
 
 def _domain_scores(

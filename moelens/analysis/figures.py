@@ -102,7 +102,8 @@ def ranked_bars(table: pd.DataFrame, value: str, *, n: int = 20, title: str | No
 
 
 def coactivation_matrix(pairs: pd.DataFrame, layer: int, *, num_experts: int | None = None, title: str | None = None) -> go.Figure:
-    """The symmetric expert x expert co-activation counts of one layer from :func:`~moelens.analysis.stats.coactivation`."""
+    """The symmetric expert x expert co-activation counts of one layer from
+    :func:`~moelens.analysis.stats.coactivation`: each cell the tokens that chose both experts."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -110,7 +111,7 @@ def coactivation_matrix(pairs: pd.DataFrame, layer: int, *, num_experts: int | N
     size = num_experts or int(max(rows["expert_a"].max(), rows["expert_b"].max(), -1)) + 1
     matrix = np.zeros((size, size), dtype=np.int64)
     # several groups (``by``) add up: the matrix shows the layer as a whole
-    np.add.at(matrix, (rows["expert_a"].to_numpy(int), rows["expert_b"].to_numpy(int)), rows["count"].to_numpy(np.int64))
+    np.add.at(matrix, (rows["expert_a"].to_numpy(int), rows["expert_b"].to_numpy(int)), rows["tokens"].to_numpy(np.int64))
     matrix = matrix + matrix.T
     figure = go.Figure(
         go.Heatmap(z=matrix, colorscale="Viridis", name=f"layer {layer}", hovertemplate="experts %{y} & %{x}: %{z}<extra></extra>")

@@ -69,13 +69,16 @@ def ftri_scores(
 
     Returns:
         one row per (layer, expert), sorted by ``difference`` (most target-specific first), columns
-        ``rank, layer, expert, target_rate, reference_rate, difference, log_odds, p_value,
-        permutations_used, q_value, target_prompts, reference_prompts``: ``target_rate`` is the
-        mean over target prompts of their activation rate (selections / counted tokens),
+        ``place, layer, expert, target_rate, reference_rate, difference, log_odds, p_value,
+        permutations_used, q_value, target_prompts, reference_prompts``: ``place`` is the row's
+        place in that order (1 = first), ``target_rate`` the mean over target prompts of their
+        activation rate (the prompt's counted tokens that selected the expert / its counted tokens),
         ``reference_rate`` the mean over reference groups of each group's
         mean rate, ``difference`` their difference (the fTRI score), ``log_odds`` the log odds ratio
         of selection per token with all tokens of each side pooled, ``p_value`` the two-sided
-        permutation p-value of ``difference`` and ``q_value`` its Benjamini-Hochberg adjustment.
+        permutation p-value of ``difference`` and ``q_value`` its Benjamini-Hochberg adjustment;
+        ``permutations_used`` counts permutations, ``target_prompts`` and ``reference_prompts``
+        count prompts (the same on every row).
     """
     import numpy as np
     import pandas as pd
@@ -103,7 +106,7 @@ def ftri_scores(
     table["target_prompts"] = int(in_target.sum())
     table["reference_prompts"] = int((~in_target).sum())
     table = table.sort_values(["difference", "layer", "expert"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table.insert(0, "place", np.arange(1, len(table) + 1))
     run = int(table["permutations_used"].max()) if budget else 0
     table.attrs["tokens"] = tokens.describe(tables)
     table.attrs.update(permutations=budget, permutations_run=run, p_floor=1 / (run + 1) if budget else np.nan, stop_after=stop_after)
@@ -120,7 +123,7 @@ def _prompt_rates(
     """
     import numpy as np
 
-    check_tags(tables, [tag])
+    check_tags(tables, [tag], "tag")
     if reference is None:
         groups_sql = f"{quote(tag)} IS NOT NULL"
     else:
@@ -331,41 +334,36 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     return q
 
 
-def specific_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
-    """The first ``n`` rows of an :func:`ftri_scores` table whose ``difference`` is positive (the
-    target uses them more), as {layer: [experts]}: fewer than ``n`` when fewer are over-used."""
-    return top_experts(table[table["difference"] > 0], n)
-
-
 def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
-    """The first ``n`` rows of a ranked table as {layer: [experts]} (shared by the spec helpers)."""
-    chosen: dict[int, list[int]] = {}
-    for layer, expert in table.head(n)[["layer", "expert"]].itertuples(index=False):
-        chosen.setdefault(int(layer), []).append(int(expert))
-    return chosen
+    """The ``n`` most target-specific experts of an :func:`ftri_scores` table, counted over all
+    layers: its first ``n`` rows (in the table's row order, i.e. by ``difference``) among those whose
+    ``difference`` is positive (the target prompts select them more), as {layer: sorted experts}.
+    Fewer than ``n`` when fewer are over-used; ``n`` >= 1."""
+    from moelens.analysis._specs import first_rows
+
+    return first_rows(table[table["difference"] > 0], n)
 
 
-def to_spec(table: pd.DataFrame, n: int, kind: str = "switch_off", **options: Any) -> Intervention:
-    """An intervention on the first ``n`` (layer, expert) rows of an :func:`ftri_scores` table
-    whose difference is positive (:func:`specific_experts`).
+def to_spec(table: pd.DataFrame, n: int, *, kind: str = "drop", **options: Any) -> Intervention:
+    """An intervention on :func:`top_experts` ``(table, n)``: the ``n`` most target-specific experts
+    over all layers (not per layer; MoTE ranks every expert of the model together).
 
     Kinds:
-        ``"switch_off"`` (default, MoTE's): the experts stay selected but their weight is zeroed and
-            the remaining chosen experts are renormalised to the original total; no other expert
-            takes the slot (``disable(experts, mode=Drop(renormalize=True))``).
+        ``"drop"`` (default, MoTE's switch-off): the experts stay selected but their output is
+            zeroed and the remaining chosen experts are renormalised to the original total; no other
+            expert takes the slot (``disable(experts, mode=Drop(renormalize=True))``).
         ``"reroute"``: the experts leave the choice and the next-best expert takes each slot
             (``disable(experts, mode="reroute")``): a different intervention from the paper's.
         ``"force"``: the experts are inserted into every token's selected set (``force(experts)``).
 
-    ``options`` go to the constructor (``tokens``, and for ``reroute`` nothing else).
+    ``options`` go to the constructor (``tokens``).
     """
     from moelens import interventions
+    from moelens.analysis._specs import build
 
     builders = {
-        "switch_off": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(renormalize=True), **o),
+        "drop": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(renormalize=True), **o),
         "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
         "force": interventions.force,
     }
-    if kind not in builders:
-        raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
-    return builders[kind](specific_experts(table, n), **options)
+    return build(kind, builders, top_experts(table, n), **options)

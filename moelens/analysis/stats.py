@@ -56,15 +56,21 @@ def table_columns(tables: Trace, table: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def check_tags(tables: Trace, tags: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless every name in ``tags`` is a column of the ``prompts`` table."""
+def check_tags(tables: Trace, tags: Sequence[str], role: str = "by") -> None:
+    """Raise ``ValueError`` unless every name in ``tags`` is a column of the ``prompts`` table.
+
+    ``role`` is the argument the names came from, for the message: ``"by"`` (grouping columns),
+    ``"tag"`` (the column a contrast compares) or ``"where"`` (a condition on prompt tags).
+    """
     if not tags:
         return
     available = [c for c in table_columns(tables, "prompts") if c not in ("prompt_id", "text")]
     missing = [t for t in tags if t not in available]
     if missing:
         where = f"its prompt tags are {available}" if available else "it has no prompt tags (no `prompts` table or no tag columns)"
-        raise ValueError(f"cannot group by {missing}: {where}; {POSITION_CLASS!r} is also accepted")
+        if role == "by":
+            raise ValueError(f"cannot group by {missing}: {where}; {POSITION_CLASS!r} is also accepted")
+        raise ValueError(f"{role}: no prompt tag {', '.join(map(repr, missing))}: {where}")
 
 
 def with_groups(tables: Trace, by: Sequence[str], tokens: TokenFilter, source: str = "routes") -> str:
@@ -142,8 +148,9 @@ def expert_frequency(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilt
     """Selection frequency and mean weight of every (layer, expert), never-selected experts included.
 
     Columns: ``*by, layer, expert, selections, tokens, frequency, share, mean_weight`` where
-    ``selections`` counts the tokens that chose the expert (top-k, any rank), ``tokens`` the tokens
-    routed at that layer in the group, ``frequency = selections / tokens`` (in [0, 1]), ``share`` the
+    ``selections`` counts the routing events that chose the expert (token x slot, any rank; a token
+    chooses an expert at most once per layer, so this is also the tokens that chose it), ``tokens``
+    the tokens routed at that layer in the group, ``frequency = selections / tokens`` (in [0, 1]), ``share`` the
     expert's fraction of all selections at that layer (sums to 1 per layer and group) and
     ``mean_weight`` the mean routing weight over its selections (NaN if never selected, and on a
     store without weights, see :func:`moelens.store.require_weights`).
@@ -180,7 +187,8 @@ def load_balance(tables: Trace, by: Sequence[str] = (), *, frequency: pd.DataFra
     """Load-balance measures per layer over the expert loads (selection counts, zeros included).
 
     Columns: ``*by, layer, experts, selections, cv, gini, max_over_mean, entropy, normalized_entropy``:
-    ``cv`` = population standard deviation / mean of the loads, ``gini`` = sum_ij |x_i - x_j| /
+    ``experts`` the number of experts of the layer, ``selections`` the layer's routing events (token x
+    slot, the sum of the loads), ``cv`` = population standard deviation / mean of the loads, ``gini`` = sum_ij |x_i - x_j| /
     (2 n^2 mean) (0: perfectly balanced, (n-1)/n: one expert takes everything), ``max_over_mean`` the
     busiest expert's load over the mean, ``entropy`` the entropy (bits) of the load distribution
     (the per-layer routing entropy) and ``normalized_entropy`` = entropy / log2(experts).
@@ -216,9 +224,10 @@ def token_entropy(tables: Trace, by: Sequence[str] = (), *, per_token: bool = Fa
     """Routing entropy of each token: the entropy (bits) of its selected weights normalised to sum 1.
 
     With ``per_token=False`` (default) a summary per layer, columns ``*by, layer, tokens,
-    mean_entropy, std_entropy, max_possible`` (``max_possible`` = log2 of the largest number of
-    experts a token chose there). With ``per_token=True`` one row per token and layer:
-    ``prompt_id, position, *by, layer, experts, entropy``. Weights are assumed non-negative; a store
+    mean_entropy, std_entropy, max_possible`` (``tokens`` the tokens routed at that layer,
+    ``max_possible`` = log2 of the largest number of experts a token chose there). With
+    ``per_token=True`` one row per token and layer: ``prompt_id, position, *by, layer, experts,
+    entropy`` (``experts`` the number of experts the token chose there). Weights are assumed non-negative; a store
     without weights (imported from a serving engine) raises :class:`~moelens.store.StoreError`.
     """
     from moelens.store import require_weights
@@ -251,14 +260,14 @@ def token_entropy(tables: Trace, by: Sequence[str] = (), *, per_token: bool = Fa
 def coactivation(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """How often two experts of the same layer are chosen together for the same token.
 
-    Columns: ``*by, layer, expert_a, expert_b, count`` with ``expert_a < expert_b``; pairs never
-    chosen together are absent.
+    Columns: ``*by, layer, expert_a, expert_b, tokens`` with ``expert_a < expert_b``, ``tokens``
+    the tokens that chose both at that layer; pairs never chosen together are absent.
     """
     by = list(by)
     return query(
         tables,
         f"""
-        SELECT {key_list(by, 'a.')} a.layer, a.expert AS expert_a, b.expert AS expert_b, count(*) AS count
+        SELECT {key_list(by, 'a.')} a.layer, a.expert AS expert_a, b.expert AS expert_b, count(*) AS tokens
         FROM ({with_groups(tables, by, tokens)}) AS a
         JOIN routes AS b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer AND a.expert < b.expert
         GROUP BY ALL ORDER BY ALL
@@ -272,8 +281,9 @@ def transitions(tables: Trace, by: Sequence[str] = (), *, ranks: int | None = No
 
     For a token choosing expert ``e`` at MoE layer ``l`` and ``f`` at the next MoE layer ``m``, the pair
     (e, f) counts once (k x k pairs per token and layer pair). ``ranks`` restricts both sides to the
-    first ``ranks`` experts (e.g. 1: top-1 to top-1). Columns: ``*by, layer, next_layer, expert,
-    next_expert, count``; absent pairs never occurred.
+    first ``ranks`` experts (e.g. 1: top-1 to top-1; ``rank`` counts from 0). Columns: ``*by, layer,
+    next_layer, expert, next_expert, tokens``, ``tokens`` the tokens that chose ``expert`` at
+    ``layer`` and ``next_expert`` at ``next_layer``; absent pairs never occurred.
     """
     by = list(by)
     layers, _ = moe_layout(tables)
@@ -285,7 +295,7 @@ def transitions(tables: Trace, by: Sequence[str] = (), *, ranks: int | None = No
         tables,
         f"""
         WITH successor(layer, next_layer) AS (VALUES {pairs})
-        SELECT {key_list(by, 'a.')} a.layer, n.next_layer, a.expert, b.expert AS next_expert, count(*) AS count
+        SELECT {key_list(by, 'a.')} a.layer, n.next_layer, a.expert, b.expert AS next_expert, count(*) AS tokens
         FROM ({with_groups(tables, by, tokens)}) AS a
         JOIN successor AS n ON n.layer = a.layer
         JOIN routes AS b ON b.prompt_id = a.prompt_id AND b.position = a.position AND b.layer = n.next_layer
@@ -302,9 +312,10 @@ def routing_stability(tables: Trace, other: Trace, by: Sequence[str] = (), *, to
 
     Tokens are matched on (prompt_id, position) and layer; the order and weights of the experts do not
     matter, only which experts were chosen. Groups (``by``) are read from ``tables``. Columns:
-    ``*by, layer, tokens, changed, changed_fraction, mean_jaccard, unmatched`` where ``tokens`` counts
-    the matched tokens, ``mean_jaccard`` is the mean |A & B| / |A | B| of the two sets and
-    ``unmatched`` the tokens of ``tables`` at that layer absent from ``other``. Holds one row per
+    ``*by, layer, tokens, changed_tokens, changed_fraction, mean_jaccard, unmatched_tokens`` where
+    ``tokens`` counts the matched tokens, ``changed_tokens`` those whose set differs,
+    ``changed_fraction`` = changed_tokens / tokens, ``mean_jaccard`` is the mean |A & B| / |A | B|
+    of the two sets and ``unmatched_tokens`` the tokens of ``tables`` at that layer absent from ``other``. Holds one row per
     (token, layer) of each trace in memory (the sets, not the events).
     """
     import duckdb
@@ -327,11 +338,11 @@ def routing_stability(tables: Trace, other: Trace, by: Sequence[str] = (), *, to
         f"""
         SELECT {key_list(by, 'a.')} a.layer,
                count(b.experts) AS tokens,
-               count(*) FILTER (WHERE b.experts IS NOT NULL AND a.experts <> b.experts) AS changed,
-               changed / nullif(tokens, 0) AS changed_fraction,
+               count(*) FILTER (WHERE b.experts IS NOT NULL AND a.experts <> b.experts) AS changed_tokens,
+               changed_tokens / nullif(tokens, 0) AS changed_fraction,
                avg(len(list_intersect(a.experts, b.experts)) / len(list_distinct(list_concat(a.experts, b.experts))))
                    FILTER (WHERE b.experts IS NOT NULL) AS mean_jaccard,
-               count(*) FILTER (WHERE b.experts IS NULL) AS unmatched
+               count(*) FILTER (WHERE b.experts IS NULL) AS unmatched_tokens
         FROM a LEFT JOIN b ON a.prompt_id = b.prompt_id AND a.position = b.position AND a.layer = b.layer
         GROUP BY ALL ORDER BY ALL
         """

@@ -1,4 +1,4 @@
-"""Super experts (after "Unveiling Super Experts in MoE LLMs"): find them on a live model, and prune them.
+"""Super experts (after "Unveiling Super Experts in MoE LLMs"): find them on a live model, and measure dropping them.
 
 A super expert is an expert whose down_proj output reaches extreme magnitudes on a few tokens and
 so feeds the massive residual-stream activations that attention sinks rely on. Here:
@@ -7,9 +7,11 @@ so feeds the massive residual-stream activations that attention sinks rely on. H
   expert, the maximum |down_proj output| over **all** tokens routed to it (the authors' hook read
   only the first routed row), the residual stream's largest magnitudes per layer, and the share of
   attention every head puts on the first token; then applies :func:`detect_super_experts`.
-* :func:`prune_report` drops the super experts (still selected, contribute nothing, weight not
+* :func:`drop_report` drops the super experts (still selected, contribute nothing, weight not
   redistributed) and, as a control, as many random non-super experts over several seeds, and
   compares held-out loss, massive activations and sink mass.
+* :func:`top_experts` and :func:`to_spec`: the flagged routed super experts as {layer: experts},
+  and as an intervention (default: drop them), with the same shape as every analysis' helpers.
 
 Padding tokens are excluded everywhere; ``text`` columns index the caller's ``texts`` and
 ``position`` counts from the text's first token (0, usually ``<bos>``).
@@ -30,12 +32,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from moelens.interventions import Intervention
+
 ExpertsByLayer = Mapping[int, Sequence[int]]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SuperExpertOptions:
-    """How :func:`profile_super_experts` runs and detects, and how :func:`prune_report` runs
+    """How :func:`profile_super_experts` runs and detects, and how :func:`drop_report` runs
     (it reads ``batch_size``, ``max_length`` and ``sinks``). Defaults follow the paper and its code.
 
     Running the texts:
@@ -92,18 +96,19 @@ class SuperExpertReport:
     Attributes:
         experts: one row per (layer, expert), routed and shared (dense MLPs excluded). Columns:
             ``layer``, ``expert`` (-1 for a shared expert), ``kind`` ("routed" | "shared"),
-            ``tokens`` (real tokens it processed), ``max_output`` (max |down_proj output| before the
-            routing weight; NaN if it never ran), ``channel``, ``text``, ``position`` (where the max
+            ``tokens`` (the real tokens it processed: those routed to it, every real token for a
+            shared expert), ``max_output`` (max |down_proj output| before the routing weight; NaN
+            if it never ran), ``channel``, ``text``, ``position`` (where the max
             occurs), ``first_token_max`` (the max over first tokens only; NaN if never routed there),
             ``first_row_max`` (the authors' reading: per forward call only the first real row the
             expert processed, i.e. their hook's ``output[0]``; experts take their rows slot by slot,
             tokens that chose them as top-1 first, token order within a slot; the max over calls),
             ``super`` (bool).
         massive: the ``top_n`` largest residual-stream magnitudes (decoder layer outputs) per layer.
-            Columns: ``layer``, ``rank`` (1 = largest), ``value`` (signed), ``magnitude``, ``text``,
-            ``position``, ``channel``, ``median`` (median |h| over that text's hidden state at that
-            layer), ``ratio`` (magnitude / median), ``massive`` (magnitude > abs threshold and ratio >
-            ratio threshold).
+            Columns: ``layer``, ``place`` (1 = largest in the layer), ``value`` (signed),
+            ``magnitude``, ``text``, ``position``, ``channel``, ``median`` (median |h| over that
+            text's hidden state at that layer), ``ratio`` (magnitude / median), ``massive``
+            (magnitude > abs threshold and ratio > ratio threshold).
         sinks: per layer and head, ``sink_mass``: the mean attention probability on the text's first
             token over all later query tokens. Columns ``layer``, ``head``, ``sink_mass``. Empty when
             sinks were not measured.
@@ -121,10 +126,45 @@ class SuperExpertReport:
         """The rows of :attr:`experts` flagged as super experts, largest first."""
         return self.experts[self.experts["super"]].sort_values("max_output", ascending=False)
 
-    def to_disable(self) -> dict[int, list[int]]:
-        """The routed super experts as ``{layer: [experts]}`` (shared experts cannot be dropped by routing)."""
-        routed = self.super_experts.query("kind == 'routed'")
-        return {int(layer): sorted(int(e) for e in group["expert"]) for layer, group in routed.groupby("layer")}
+
+def top_experts(report: SuperExpertReport, n: int | None = None) -> dict[int, list[int]]:
+    """The routed super experts of ``report`` as {layer: sorted experts} (shared experts cannot be
+    dropped by routing and are left out).
+
+    ``n``: ``None`` (default, the paper's) every flagged routed super expert; a whole number >= 1:
+    the ``n`` with the largest maxima over all layers (not per layer), by the column the detection
+    read (``max_output``, or ``first_row_max`` with ``reading="first_row"``), ties to the lower
+    (layer, expert).
+    """
+    from moelens.analysis._specs import by_layer, check_count
+
+    check_count(n, optional=True)
+    column = {"all_rows": "max_output", "first_row": "first_row_max"}[report.thresholds.get("reading", "all_rows")]
+    routed = report.experts[report.experts["super"] & (report.experts["kind"] == "routed")]
+    routed = routed.sort_values([column, "layer", "expert"], ascending=[False, True, True], kind="stable")
+    return by_layer(routed if n is None else routed.head(n))
+
+
+def to_spec(report: SuperExpertReport, n: int | None = None, *, kind: str = "drop", **options: Any) -> Intervention:
+    """An intervention on :func:`top_experts` ``(report, n)``: every routed super expert, or the ``n``
+    largest over all layers (not per layer).
+
+    Kinds:
+        ``"drop"`` (default, the paper's): the experts stay selected, their output is zeroed and
+            their weight is not given to the others (``disable(experts, mode=Drop())``), as
+            :func:`drop_report` measures.
+        ``"reroute"``: they leave the choice and the next-best expert takes each slot (``disable(experts)``).
+
+    ``options`` go to the constructor (``tokens``).
+    """
+    from moelens import interventions
+    from moelens.analysis._specs import build
+
+    builders = {
+        "drop": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(), **o),
+        "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
+    }
+    return build(kind, builders, top_experts(report, n), **options)
 
 
 def profile_super_experts(
@@ -220,8 +260,8 @@ def sink_decay(before: Any, after: Any) -> float:
 
 
 @dataclass
-class PruneReport:
-    """What :func:`prune_report` measured.
+class DropReport:
+    """What :func:`drop_report` measured.
 
     ``runs``: one row per forward run: ``condition`` ("baseline" | "super" | "random"), ``seed``
     (-1 unless random), ``experts`` (how many dropped), ``loss`` (mean next-token NLL on the
@@ -238,7 +278,7 @@ class PruneReport:
         return self.summary.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def prune_report(
+def drop_report(
     model: nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
@@ -246,12 +286,12 @@ def prune_report(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     options: SuperExpertOptions = SuperExpertOptions(),
-) -> PruneReport:
+) -> DropReport:
     """Drop the super experts, and as a control as many random routed non-super experts (one draw
     per seed, from all MoE layers), and measure the change on held-out ``texts``.
 
     ``super_experts``: {layer: [routed expert ids]} or a :class:`SuperExpertReport` (its routed
-    super experts). Runs as ``options`` say (``batch_size``, ``max_length``, ``sinks``; without
+    super experts, :func:`top_experts`). Runs as ``options`` say (``batch_size``, ``max_length``, ``sinks``; without
     sinks the sink columns are NaN). Drop = ``disable(..., mode=Drop())`` through
     ``moelens.interventions``: the expert is still selected, its output is zeroed and its weight is
     not given to the others. Shared experts cannot be dropped this way and are ignored. Loss counts
@@ -264,7 +304,7 @@ def prune_report(
     from moelens.interventions import Drop, disable, intervene
 
     layers = moe_layers(model)
-    chosen = super_experts.to_disable() if isinstance(super_experts, SuperExpertReport) else super_experts
+    chosen = top_experts(super_experts) if isinstance(super_experts, SuperExpertReport) else super_experts
     chosen = {int(l): sorted({int(e) for e in es}) for l, es in chosen.items() if es}
     count = sum(len(es) for es in chosen.values())
     if count == 0:
@@ -297,7 +337,7 @@ def prune_report(
     runs.insert(4, "delta_loss", runs["loss"] - runs["loss"].iloc[0])
     summary = runs.drop(columns="seed").groupby("condition", sort=False).mean().reset_index()
     dropped = {c if s < 0 else f"{c}/{s}": spec for c, s, spec in conditions if spec}
-    return PruneReport(runs=runs, summary=summary, dropped=dropped)
+    return DropReport(runs=runs, summary=summary, dropped=dropped)
 
 
 # --- one observed pass over the texts ----------------------------------------------------------
@@ -478,10 +518,10 @@ class _Residuals:
             rows = torch.cat(found) if found else torch.empty(0, 6, dtype=torch.float64)
             rows = rows[rows[:, 0].argsort(descending=True)[: self.top_n]]
             part = pd.DataFrame(rows.numpy(), columns=["magnitude", "value", "text", "position", "channel", "median"])
-            parts.append(part.assign(layer=layer, rank=range(1, len(part) + 1)))
+            parts.append(part.assign(layer=layer, place=range(1, len(part) + 1)))
         table = pd.concat(parts, ignore_index=True).astype({"text": "int64", "position": "int64", "channel": "int64"})
         table["ratio"] = table["magnitude"] / table["median"]
-        return table[["layer", "rank", "value", "magnitude", "text", "position", "channel", "median", "ratio"]]
+        return table[["layer", "place", "value", "magnitude", "text", "position", "channel", "median", "ratio"]]
 
 
 class SinkMass:

@@ -5,6 +5,10 @@ Build a spec with the constructors, combine with ``+``, apply with :func:`interv
 
     spec = disable({3: [5, 9]}) + reweight({5: [1]}, factor=8.0, tokens="generated")
     spec += disable({4: [2]}, mode=Drop(renormalize=True))   # modes: Reroute() (default) or Drop(...)
+    spec += rank(1, layers=[6])                               # ranks count from 0: 1 = the second choice
+
+Words: *drop* (still chosen, output zeroed), *reroute* (the slot goes to the next choice), *keep* (routing
+restricted to a kept set), *prune* (experts physically removed from a checkpoint: ``export_pruned``).
     with intervene(model, spec):
         model.generate(...)
 """
@@ -17,8 +21,8 @@ from moelens.interventions.spec import (
     SpecError,
     disable,
     force,
+    keep,
     logit_bias,
-    prune,
     rank,
     reweight,
     top_k,
@@ -34,8 +38,8 @@ __all__ = [
     "disable",
     "force",
     "intervene",
+    "keep",
     "logit_bias",
-    "prune",
     "rank",
     "reweight",
     "top_k",

@@ -41,8 +41,8 @@ from moelens.interventions.spec import (
     Force,
     Intervention,
     LogitBias,
+    Keep,
     Part,
-    Prune,
     Rank,
     Reweight,
     SpecError,
@@ -179,7 +179,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
     num_layers = view.num_decoder_layers
     for entry in entries:
         for part in entry.spec.parts:
-            for index in part.layers() or ():
+            for index in part.touched_layers() or ():
                 if index not in layers:
                     where = "is dense (no router)" if 0 <= index < num_layers else f"is out of range: the model has layers 0-{num_layers - 1}"
                     raise SpecError(f"{part.kind}: layer {index} {where}; MoE layers are {sorted(layers)}")
@@ -189,7 +189,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
         grouped: dict[_Group, list[Part]] = {}
         for entry in entries:
             for part in entry.spec.parts:
-                if part.layers() is None or index in part.layers():
+                if part.touched_layers() is None or index in part.touched_layers():
                     grouped.setdefault(_Group(part.tokens, entry.rows), []).append(part)
         if not grouped:
             continue
@@ -282,8 +282,8 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
             (drop if dropped else disable)[experts_of(part, part.experts[index])] = True
             if dropped:
                 setting("drop renormalize", part.mode.renormalize, part)
-        elif isinstance(part, Prune):
-            keep = experts_of(part, part.keep[index])
+        elif isinstance(part, Keep):
+            keep = experts_of(part, part.experts[index])
             mask = torch.ones(num_experts, dtype=torch.bool)
             mask[keep] = False
             disable |= mask
@@ -304,14 +304,17 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
                 raise SpecError(f"top_k: k = {part.k} in layer {index} exceeds the family's top-k = {rule.top_k}")
             setting("top_k", part.k, part)  # the family's own rule with fewer slots
         elif isinstance(part, Rank):
-            if part.rank > num_experts:
-                raise SpecError(f"rank: rank {part.rank} is larger than the {num_experts} experts of layer {index}")
+            if part.rank >= num_experts:
+                raise SpecError(
+                    f"rank: rank {part.rank} is out of range for the {num_experts} experts of layer {index} (ranks 0-{num_experts - 1}); "
+                    "rank r counts from 0 (0 = the router's first choice)"
+                )
             setting("rank", part.rank, part)
     routed = dataclasses.replace(rule, top_k=settings.pop("top_k")) if "top_k" in settings else rule
     remaining = num_experts - int(disable.sum())
     if remaining < rule.top_k:
         raise SpecError(
-            f"layer {index}: disabling/pruning leaves {remaining} of {num_experts} experts, fewer than top-k = {rule.top_k}; "
+            f"layer {index}: disabling/keeping leaves {remaining} of {num_experts} experts, fewer than top-k = {rule.top_k}; "
             "keep at least top-k experts (or use mode='drop')"
         )
     both = (force & (disable | drop)).nonzero().flatten().tolist()

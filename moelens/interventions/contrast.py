@@ -1,7 +1,7 @@
 """SCMoE self-contrast decoding ("Unchosen Experts Can Contribute Too").
 
 Per step, with strong logits z_s (default routing, or a ``strong`` spec) and weak logits z_w (the
-``weak`` spec, default rank-2 routing in every MoE layer)::
+``weak`` spec, default ``rank(1)``: each token's second choice only, in every MoE layer)::
 
     z = (1 + beta) * z_s - beta * z_w      on tokens with z_s >= log(alpha) + max(z_s)
     z = -inf                               elsewhere
@@ -79,14 +79,15 @@ def generate_contrast(
 
     Args:
         strong: routing of the strong pass; ``None`` = the model's own top-k routing.
-        weak: routing of the weak pass; ``None`` = ``rank(2)`` (only each token's second-best expert).
+        weak: routing of the weak pass; ``None`` = ``rank(1)`` (only each token's second choice; ranks count
+            from 0, 0 = the router's first choice).
         beta: contrast strength (the paper's typical value 0.5).
         alpha: plausibility cut-off in (0, 1]: tokens whose strong probability is below alpha x the best are excluded.
         sampling: ``None`` (default) takes the arg-max; a :class:`Sampling` samples at its temperature.
         ban_eos: never choose the EOS token (the authors' code does so by default; every row then
             runs to ``max_new_tokens``).
 
-    Weak activations of the paper: ``rank(2)`` (default) and ``top_k(1)`` (DeepSeekMoE), both on
+    Weak activations of the paper: ``rank(1)`` (default, the second choice) and ``top_k(1)`` (DeepSeekMoE), both on
     the family's routed scale.
     """
     import torch
@@ -95,7 +96,7 @@ def generate_contrast(
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    weak = weak if weak is not None else rank(2)
+    weak = weak if weak is not None else rank(1)
     device = input_device(model)
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
     batch = encoded["input_ids"].shape[0]

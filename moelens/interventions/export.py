@@ -1,9 +1,9 @@
-"""Export a pruned checkpoint: the ``prune`` intervention made physical.
+"""Export a pruned checkpoint: a ``keep`` intervention made physical (*pruning*).
 
-Pruned experts are removed from the weights (router rows, score-correction bias entries and the
+The experts a ``keep`` spec leaves out are removed from the weights (router rows, score-correction bias entries and the
 fused expert tensors are sliced), the config's expert count shrinks, and the kept experts are
 renumbered 0..N-1 in their original order. The result is an ordinary Hugging Face checkpoint that
-loads with plain transformers and computes what ``intervene(model, prune(keep))`` computes.
+loads with plain transformers and computes what ``intervene(model, keep(experts))`` computes.
 ``moelens_prune.json`` beside the weights records the spec and, per layer, which original expert
 each new index is.
 """
@@ -18,16 +18,16 @@ from typing import Any
 
 from moelens.hooks.adapters import module_name, moe_layers
 from moelens.interventions.apply import bind
-from moelens.interventions.spec import Intervention, Prune, SpecError
+from moelens.interventions.spec import Intervention, Keep, SpecError
 
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _keep_sets(model: Any, spec: Intervention) -> dict[int, list[int]]:
-    prunes = [part for part in spec.parts if isinstance(part, Prune)]
-    if len(prunes) != 1 or len(spec.parts) != 1:
-        raise SpecError("export needs a spec with exactly one `prune` part (other interventions have no checkpoint form)")
-    keep = {layer: list(experts) for layer, experts in prunes[0].keep.items()}
+    kept = [part for part in spec.parts if isinstance(part, Keep)]
+    if len(kept) != 1 or len(spec.parts) != 1:
+        raise SpecError("prune export needs a spec with exactly one `keep` part (other interventions have no checkpoint form)")
+    keep = {layer: list(experts) for layer, experts in kept[0].experts.items()}
     layers = [layer.index for layer in moe_layers(model)]
     missing = sorted(set(layers) - set(keep))
     if missing:
@@ -39,8 +39,10 @@ def _keep_sets(model: Any, spec: Intervention) -> dict[int, list[int]]:
 
 
 def export_pruned(model: Any, tokenizer: Any, spec: Intervention, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model`` with only the experts ``spec`` keeps to ``out_dir``; returns the directory.
+    """Prune: write ``model`` with only the experts ``spec`` keeps to ``out_dir``; returns the directory.
 
+    ``spec`` is exactly one ``keep`` part (:func:`moelens.interventions.keep`) listing every MoE layer,
+    each with the same number of experts; the kept experts are renumbered 0..N-1 in their original order.
     Refused (:class:`SpecError`) where removing experts cannot keep the routing: group-limited
     rules (the groups would change) and configs without a known expert-count field.
     """
@@ -52,19 +54,19 @@ def export_pruned(model: Any, tokenizer: Any, spec: Intervention, out_dir: str |
     if grouped is not None:
         raise SpecError(
             f"prune export: {model.config.model_type} routes within {grouped.n_group} expert groups; removing experts would "
-            "regroup the rest and change routing. Use the prune intervention instead."
+            "regroup the rest and change routing. Use the keep intervention instead."
         )
     shared_layers = [layer.index for layer in moe_layers(model) if layer.other_experts]
     if shared_layers:
         raise SpecError(
             f"prune export: layers {shared_layers} hold a second set of experts ({moe_layers(model)[0].other_experts[0]}, ...) "
-            "that a prune spec does not cover; use the prune intervention instead"
+            "that a keep spec does not cover; use the keep intervention instead"
         )
     uneven = [layer.index for layer in moe_layers(model) if {p.shape[0] for p in layer.experts.parameters() if p.dim() == 3} != {layer.num_experts}]
     if uneven:
         raise SpecError(
             f"prune export: the experts of layers {uneven} are not all stored as {moe_layers(model)[0].num_experts} weight "
-            "slices (e.g. LongCat's zero-computation experts have none); use the prune intervention instead"
+            "slices (e.g. LongCat's zero-computation experts have none); use the keep intervention instead"
         )
     config = copy.deepcopy(model.config)
     counts = config.get_text_config()  # the text backbone's config (the config itself for text models)

@@ -4,9 +4,19 @@ A spec is data. It says which experts, in which layers, for which tokens, and wh
 :func:`moelens.interventions.intervene` binds it to a model (checking it against the model's
 layers and experts) and applies it through the one routing function of ``moelens.kernels``.
 
-JSON form: ``{"interventions": [{"kind": "disable", "experts": {"3": [5, 9]}, "mode": {"kind": "reroute"},
-"tokens": "all"}, ...]}``. Unknown kinds or fields are errors that name them. Specs written before disable modes
-were typed (``"mode": "drop", "renormalize": true``) still load, as the equivalent typed mode.
+Vocabulary: *drop* = the expert stays chosen but its output is zeroed (optionally the others renormalised);
+*reroute* = a disabled expert's slot goes to the next choice; *keep* = routing restricted to a kept set of
+experts; *prune* = physically remove experts from a checkpoint (:func:`moelens.interventions.export.export_pruned`,
+``moelens prune``), which only a spec of one ``keep`` part can describe. A *rank* counts from 0 (0 = the router's
+first choice), as the store's ``routes.rank`` does. ``layers`` restricts a part to decoder-layer indices.
+
+JSON form (format version 2): ``{"version": 2, "interventions": [{"kind": "disable", "experts": {"3": [5, 9]},
+"mode": {"kind": "reroute"}, "tokens": "all"}, ...]}``. Unknown kinds or fields are errors that name them.
+
+A spec without ``"version"`` is format version 1 (written before this vocabulary) and loads with its meaning
+unchanged: a ``rank`` part's 1-based ``rank`` becomes 0-based (1-based 2, the second choice, loads as 0-based 1),
+kind ``"prune"`` with ``"keep"`` loads as a ``keep`` part, ``"only_layers"`` loads as ``"layers"``, and disable
+parts from before modes were typed (``"mode": "drop", "renormalize": true``) load as the equivalent typed mode.
 """
 
 from __future__ import annotations
@@ -51,8 +61,8 @@ class Part:
     kind: ClassVar[str]
     tokens: TokenScope = "all"
 
-    def layers(self) -> tuple[int, ...] | None:
-        """The layers this part touches; ``None`` = every MoE layer."""
+    def touched_layers(self) -> tuple[int, ...] | None:
+        """The decoder-layer indices this part changes the routing of, ascending; ``None`` = every MoE layer."""
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +119,7 @@ class Disable(Part):
     experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
     mode: DisableMode = Reroute()
 
-    def layers(self) -> tuple[int, ...]:
+    def touched_layers(self) -> tuple[int, ...]:
         return tuple(self.experts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +133,7 @@ class Force(Part):
     kind: ClassVar[str] = "force"
     experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
-    def layers(self) -> tuple[int, ...]:
+    def touched_layers(self) -> tuple[int, ...]:
         return tuple(self.experts)
 
 
@@ -136,7 +146,7 @@ class Reweight(Part):
     factor: float = 1.0
     renormalize: bool = False
 
-    def layers(self) -> tuple[int, ...]:
+    def touched_layers(self) -> tuple[int, ...]:
         return tuple(self.experts)
 
 
@@ -147,7 +157,7 @@ class LogitBias(Part):
     kind: ClassVar[str] = "logit_bias"
     bias: dict[int, dict[int, float]] = field(default_factory=dict)
 
-    def layers(self) -> tuple[int, ...]:
+    def touched_layers(self) -> tuple[int, ...]:
         return tuple(self.bias)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,61 +169,69 @@ class TopP(Part):
     """Dynamic routing (Dynamic-MoE): per token, the smallest prefix of experts (by choice score)
     whose probability mass exceeds ``p``. ``max_k`` caps the prefix; ``None`` (default) is no cap,
     as in the paper (a cap at the family's top-k would remove the method's point). ``renormalize``
-    False keeps the raw probabilities as weights (the paper's)."""
+    False keeps the raw probabilities as weights (the paper's). ``layers``: the decoder-layer indices it applies
+    to (``None`` = every MoE layer)."""
 
     kind: ClassVar[str] = "top_p"
     p: float = 0.4
     max_k: int | None = None
     renormalize: bool = False
-    only_layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
 
-    def layers(self) -> tuple[int, ...] | None:
-        return self.only_layers
+    def touched_layers(self) -> tuple[int, ...] | None:
+        return self.layers
 
 
 @dataclass(frozen=True)
 class Rank(Part):
-    """Route every token to only its rank-``rank`` expert (SCMoE's weak activation).
+    """Route every token to only its rank-``rank`` expert (SCMoE's weak activation). ``rank`` counts from 0
+    (0 = the router's first choice, 1 = the second: SCMoE's default), as the store's ``routes.rank`` does.
 
     Its weight is the family's routed scale: 1.0, or ``routed_scaling_factor`` for DeepSeek-V2/V3,
     whose top-k weights sum to that factor; a weight of 1.0 there would shrink the weak pass's
     routed output to 1/16 or 1/2.5 of the family's scale. Rank r counts in the family's choice
-    order (the bias-corrected score on DeepSeek-V3), the order in which it picks its top-k."""
+    order (the bias-corrected score on DeepSeek-V3), the order in which it picks its top-k. ``layers``: the
+    decoder-layer indices it applies to (``None`` = every MoE layer)."""
 
     kind: ClassVar[str] = "rank"
-    rank: int = 2
-    only_layers: tuple[int, ...] | None = None
+    rank: int = 1
+    layers: tuple[int, ...] | None = None
 
-    def layers(self) -> tuple[int, ...] | None:
-        return self.only_layers
+    def touched_layers(self) -> tuple[int, ...] | None:
+        return self.layers
 
 
 @dataclass(frozen=True)
 class TopK(Part):
     """Route every token to its top-``k`` experts, ``k`` below the family's: the family's own rule
-    (scores, normalisation, scale) with fewer slots. SCMoE's other weak activation (DeepSeekMoE: top-1)."""
+    (scores, normalisation, scale) with fewer slots. SCMoE's other weak activation (DeepSeekMoE: top-1).
+    ``layers``: the decoder-layer indices it applies to (``None`` = every MoE layer)."""
 
     kind: ClassVar[str] = "top_k"
     k: int = 1
-    only_layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
 
-    def layers(self) -> tuple[int, ...] | None:
-        return self.only_layers
+    def touched_layers(self) -> tuple[int, ...] | None:
+        return self.layers
 
 
 @dataclass(frozen=True)
-class Prune(Part):
-    """Keep only the given experts in each listed layer; tokens re-route among them (EASY-EP)."""
+class Keep(Part):
+    """Restrict routing to the given experts in each listed layer (EASY-EP): every other expert of the layer
+    is rerouted (its slot goes to the next kept choice); layers not listed are unchanged. Applies to every
+    token. Physically removing the other experts from a checkpoint is *pruning*:
+    :func:`moelens.interventions.export.export_pruned` of a spec holding one ``Keep`` part."""
 
-    kind: ClassVar[str] = "prune"
-    keep: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    kind: ClassVar[str] = "keep"
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
-    def layers(self) -> tuple[int, ...]:
-        return tuple(self.keep)
+    def touched_layers(self) -> tuple[int, ...]:
+        return tuple(self.experts)
 
 
+FORMAT_VERSION = 2  # the JSON format Intervention.to_dict writes; a spec without "version" is version 1
 _LEGACY_FIELDS = {"disable": {"renormalize"}}  # read from specs written by earlier versions (see _legacy_mode)
-_KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Prune)}
+_KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Keep)}
 
 
 @dataclass(frozen=True)
@@ -228,8 +246,9 @@ class Intervention:
         return Intervention(self.parts + other.parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"interventions": [part.to_dict(), ...]}``, in the order the parts were combined."""
-        return {"interventions": [part.to_dict() for part in self.parts]}
+        """``{"version": 2, "interventions": [part.to_dict(), ...]}``, parts in the order they were combined;
+        ``version`` is the JSON format (:data:`FORMAT_VERSION`)."""
+        return {"version": FORMAT_VERSION, "interventions": [part.to_dict() for part in self.parts]}
 
     def to_json(self, **dumps: Any) -> str:
         """:meth:`to_dict` as a JSON string; ``dumps`` go to ``json.dumps`` (e.g. ``indent=2``)."""
@@ -237,11 +256,26 @@ class Intervention:
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "spec") -> Intervention:
-        """Parse and validate :meth:`to_dict`'s form (also specs written by earlier versions, see the
-        module docstring); raises :class:`SpecError` naming ``where`` and the offending part or field."""
-        if not isinstance(data, Mapping) or set(data) != {"interventions"} or not isinstance(data["interventions"], list):
-            raise SpecError(f"{where}: expected {{\"interventions\": [...]}}, got keys {sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
-        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(data["interventions"])))
+        """Parse and validate :meth:`to_dict`'s form, ``{"version": 2, "interventions": [...]}``.
+
+        A mapping without ``"version"`` is format version 1 and keeps its meaning (1-based ranks become
+        0-based, kind ``"prune"`` becomes ``"keep"``, ``"only_layers"`` becomes ``"layers"``; see the module
+        docstring). Raises :class:`SpecError` naming ``where`` and the offending part or field, also for
+        a version other than 1 or 2.
+        """
+        if (
+            not isinstance(data, Mapping)
+            or not set(data) <= {"version", "interventions"}
+            or not isinstance(data.get("interventions"), list)
+        ):
+            raise SpecError(f"{where}: expected {{\"interventions\": [...]}} with an optional \"version\": {FORMAT_VERSION}, got keys {sorted(data) if isinstance(data, Mapping) else type(data).__name__}")
+        version = data.get("version", 1)
+        if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+            raise SpecError(f"{where}: unknown spec format version {version!r}; this moelens reads versions 1 and {FORMAT_VERSION}")
+        items = data["interventions"]
+        if version == 1:
+            items = [_from_version_1(item, f"{where}, intervention {i}") for i, item in enumerate(items)]
+        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(items)))
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "spec") -> Intervention:
@@ -260,18 +294,48 @@ class Intervention:
         return cls.from_json(Path(path).read_text(), where=str(path))
 
 
+def _from_version_1(item: Any, where: str) -> Any:
+    """A version-1 (version-less) part in version 2's words, with the same meaning."""
+    if not isinstance(item, Mapping):
+        return item  # _part_from_dict reports it
+    item = dict(item)
+    kind = item.get("kind")
+    if kind == "rank" and "layers" in item:  # "layers" is version 2's word: its rank may count from 0
+        raise SpecError(
+            f"{where}: a rank part with \"layers\" in a spec without \"version\" is ambiguous: add \"version\": "
+            f"{FORMAT_VERSION} (rank r counts from 0, 0 = the router's first choice) or write \"only_layers\" (version 1, ranks from 1)"
+        )
+    if kind == "prune":
+        item["kind"] = "keep"
+        if "keep" in item:
+            item["experts"] = item.pop("keep")
+    if kind in ("top_p", "top_k", "rank") and "only_layers" in item:
+        item["layers"] = item.pop("only_layers")
+    if kind == "rank" and "rank" in item:
+        r = item["rank"]
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise SpecError(
+                f"{where}: rank {r!r} in a spec without \"version\" (format 1, ranks counted from 1); "
+                f"write \"version\": {FORMAT_VERSION} for ranks that count from 0 (0 = the router's first choice)"
+            )
+        item["rank"] = r - 1
+    return item
+
+
 def _part_from_dict(item: Any, where: str) -> Part:
     if not isinstance(item, Mapping) or "kind" not in item:
         raise SpecError(f"{where}: each intervention is an object with a `kind` ({', '.join(_KINDS)})")
     kind = item["kind"]
     if kind not in _KINDS:
-        raise SpecError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(_KINDS)}")
+        hint = "; version 2 calls restricting routing to kept experts \"keep\" (field \"experts\")" if kind == "prune" else ""
+        raise SpecError(f"{where}: unknown kind {kind!r}; known kinds: {', '.join(_KINDS)}{hint}")
     constructor = _CONSTRUCTORS[kind]
     arguments = {k: v for k, v in item.items() if k != "kind"}
     current = {f.name for f in fields(_KINDS[kind])}
     unknown = sorted(set(arguments) - current - _LEGACY_FIELDS.get(kind, set()))
     if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(current))}")
+        hint = "; version 2 calls \"only_layers\" \"layers\"" if "only_layers" in unknown else ""
+        raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(current))}{hint}")
     try:
         (part,) = constructor(**arguments).parts
     except TypeError as error:
@@ -336,34 +400,60 @@ def logit_bias(bias: Mapping[int, Mapping[int, float]], *, tokens: Any = "all") 
 
 
 def top_p(p: float = 0.4, *, max_k: int | None = None, renormalize: bool = False, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
-    """Top-p dynamic routing (Dynamic-MoE defaults: p 0.4, raw probabilities). See :class:`TopP`."""
+    """Top-p dynamic routing (Dynamic-MoE defaults: p 0.4, raw probabilities). See :class:`TopP`.
+
+    ``p`` in (0, 1]; ``max_k`` None or >= 1; ``layers``: decoder-layer indices (None = every MoE layer);
+    ``tokens``: "all", "prompt", "generated" or token positions. Raises :class:`SpecError` otherwise.
+    """
     if not (isinstance(p, (int, float)) and 0 < p <= 1):
         raise SpecError(f"top_p: p must be in (0, 1], got {p!r}")
     if max_k is not None and max_k < 1:
         raise SpecError(f"top_p: max_k must be at least 1, got {max_k}")
-    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
-    return Intervention((TopP(p=float(p), max_k=max_k, renormalize=bool(renormalize), only_layers=only, tokens=_scope(tokens)),))
+    return Intervention((TopP(p=float(p), max_k=max_k, renormalize=bool(renormalize), layers=_layers(layers, "top_p"), tokens=_scope(tokens)),))
 
 
 def top_k(k: int = 1, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
-    """Route each token to its top-``k`` experts under the family's own rule. See :class:`TopK`."""
+    """Route each token to its top-``k`` experts under the family's own rule. See :class:`TopK`.
+
+    ``k``: an integer >= 1 (at most the family's top-k, checked when bound to a model); ``layers``:
+    decoder-layer indices (None = every MoE layer); ``tokens`` as for :func:`top_p`.
+    """
     if not isinstance(k, int) or k < 1:
         raise SpecError(f"top_k: k must be an integer >= 1, got {k!r}")
-    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
-    return Intervention((TopK(k=k, only_layers=only, tokens=_scope(tokens)),))
+    return Intervention((TopK(k=k, layers=_layers(layers, "top_k"), tokens=_scope(tokens)),))
 
 
-def rank(r: int = 2, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
-    """Route each token to its rank-``r`` expert only (1 = top expert). See :class:`Rank`."""
-    if not isinstance(r, int) or r < 1:
-        raise SpecError(f"rank: r must be an integer >= 1 (1 = the top expert), got {r!r}")
-    only = tuple(sorted({int(l) for l in layers})) if layers is not None else None
-    return Intervention((Rank(rank=r, only_layers=only, tokens=_scope(tokens)),))
+def rank(r: int = 1, *, layers: Iterable[int] | None = None, tokens: Any = "all") -> Intervention:
+    """Route each token to its rank-``r`` expert only, at the family's routed scale. See :class:`Rank`.
+
+    ``r`` counts from 0 like the store's ``routes.rank``: 0 = the router's first choice, 1 (default) = the
+    second choice (SCMoE's weak activation); it must be below the layer's expert count (checked when bound).
+    ``layers``: decoder-layer indices (None = every MoE layer); ``tokens`` as for :func:`top_p`.
+    """
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise SpecError(f"rank: r must be an integer >= 0, got {r!r}; rank r counts from 0 (0 = the router's first choice)")
+    return Intervention((Rank(rank=r, layers=_layers(layers, "rank"), tokens=_scope(tokens)),))
 
 
-def prune(keep: ExpertsByLayer) -> Intervention:
-    """Keep only ``keep[layer]`` experts in each listed layer. See :class:`Prune`."""
-    return Intervention((Prune(keep=_experts(keep, "prune")),))
+def keep(experts: ExpertsByLayer) -> Intervention:
+    """Restrict routing to ``experts[layer]`` in each listed layer, e.g. ``keep({3: [0, 1, 2, 5]})`` (EASY-EP).
+
+    The other experts of a listed layer are rerouted (each token's slots go to its best kept choices);
+    unlisted layers are unchanged; every token is affected. At least top-k experts must stay per layer
+    (checked when bound). :func:`moelens.interventions.export.export_pruned` turns such a spec into a
+    pruned checkpoint. See :class:`Keep`.
+    """
+    return Intervention((Keep(experts=_experts(experts, "keep")),))
+
+
+def _layers(layers: Iterable[int] | None, what: str) -> tuple[int, ...] | None:
+    """``layers`` as sorted unique ints, or None (every MoE layer)."""
+    if layers is None:
+        return None
+    try:
+        return tuple(sorted({int(l) for l in layers}))
+    except (TypeError, ValueError):
+        raise SpecError(f"{what}: layers must be a list of integer layer indices or None, got {layers!r}") from None
 
 
 def _from_fields(kind: str) -> Any:
@@ -380,14 +470,14 @@ def _from_fields(kind: str) -> Any:
         if kind == "logit_bias":
             return logit_bias(kw.pop("bias", {}), tokens=tokens, **kw)
         if kind == "top_p":
-            return top_p(kw.pop("p", 0.4), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+            return top_p(kw.pop("p", 0.4), tokens=tokens, **kw)
         if kind == "rank":
-            return rank(kw.pop("rank", 2), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+            return rank(kw.pop("rank", 1), tokens=tokens, **kw)
         if kind == "top_k":
-            return top_k(kw.pop("k", 1), layers=kw.pop("only_layers", None), tokens=tokens, **kw)
+            return top_k(kw.pop("k", 1), tokens=tokens, **kw)
         if tokens != "all":
-            raise SpecError("prune applies to every token (it models a smaller deployed model)")
-        return prune(kw.pop("keep", {}), **kw)
+            raise SpecError("keep applies to every token (it models a smaller deployed model)")
+        return keep(kw.pop("experts", {}), **kw)
 
     return build
 

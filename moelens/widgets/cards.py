@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Contrast:
-    """The expert's row of one fTRI table (:func:`moelens.analysis.ftri_scores`), labelled by its target."""
+    """The expert's row of one fTRI table (:func:`moelens.analysis.ftri_scores`), labelled by its
+    target; ``place`` is the row's ``place`` in its table (1 = most target-specific)."""
 
     label: str
-    rank: int
+    place: int
     difference: float
     target_rate: float
     reference_rate: float
@@ -43,21 +44,24 @@ class Marker:
     """The expert's row of one nPMI table (:func:`moelens.analysis.npmi_scores`), labelled by its condition.
 
     ``npmi`` is the table's ``npmi`` column (or ``score`` for :func:`~moelens.analysis.npmi_combined`);
-    the interval and joint count are ``None`` where the table has no such columns.
+    ``place`` is the row's ``place`` in its table (1 = first); the interval and ``joint_tokens`` (the
+    counted tokens that satisfy the condition and chose the expert) are ``None`` where the table has
+    no such columns.
     """
 
     label: str
-    rank: int
+    place: int
     npmi: float
     npmi_low: float | None
     npmi_high: float | None
-    joint: int | None
+    joint_tokens: int | None
 
 
 @dataclass(frozen=True)
 class Context:
     """A token that chose the expert, with ``window`` tokens of its prompt on each side (fewer at
-    the prompt's ends), as readable text pieces; ``token`` is the chosen token's piece."""
+    the prompt's ends), as readable text pieces; ``token`` is the chosen token's piece, ``rank`` the
+    expert's place in the token's routing (``routes.rank``: 0 = the router's first choice)."""
 
     prompt_id: Any
     position: int
@@ -195,9 +199,9 @@ def _expert_rows(tables: dict[str, pd.DataFrame], kind: str, required: set[str],
 
 
 def _contrasts(tables: pd.DataFrame | Mapping[str, pd.DataFrame] | None, layer: int, expert: int, top: int) -> tuple[Contrast, ...]:
-    columns = {"rank", "layer", "expert", "difference", "target_rate", "reference_rate", "q_value"}
+    columns = {"place", "layer", "expert", "difference", "target_rate", "reference_rate", "q_value"}
     found = [
-        Contrast(label, int(row.rank), float(row.difference), float(row.target_rate), float(row.reference_rate), float(row.q_value))
+        Contrast(label, int(row.place), float(row.difference), float(row.target_rate), float(row.reference_rate), float(row.q_value))
         for label, row in _expert_rows(_labelled(tables, "fTRI"), "fTRI", columns, layer, expert)
     ]
     return tuple(sorted(found, key=lambda c: (-c.difference, c.label))[:top])
@@ -207,14 +211,14 @@ def _markers(tables: pd.DataFrame | Mapping[str, pd.DataFrame] | None, layer: in
     found = []
     for label, table in _labelled(tables, "nPMI").items():
         value = "npmi" if "npmi" in table.columns else "score"
-        for _, row in _expert_rows({label: table}, "nPMI", {"rank", "layer", "expert", value}, layer, expert):
+        for _, row in _expert_rows({label: table}, "nPMI", {"place", "layer", "expert", value}, layer, expert):
             row = row._asdict()
-            optional = {name: row.get(name) for name in ("npmi_low", "npmi_high", "joint")}
+            optional = {name: row.get(name) for name in ("npmi_low", "npmi_high", "joint_tokens")}
             found.append(
                 Marker(
-                    label, int(row["rank"]), float(row[value]),
+                    label, int(row["place"]), float(row[value]),
                     *(None if optional[name] is None else float(optional[name]) for name in ("npmi_low", "npmi_high")),
-                    None if optional["joint"] is None else int(optional["joint"]),
+                    None if optional["joint_tokens"] is None else int(optional["joint_tokens"]),
                 )
             )
     return tuple(sorted(found, key=lambda m: (-m.npmi, m.label))[:top])
@@ -287,18 +291,18 @@ def card_html(card: ExpertCard) -> str:
     ]
     if card.contrasts:
         rows = [
-            [e(c.label), str(c.rank), _number(c.difference, '+.3f'), _number(c.target_rate, '.3f'), _number(c.reference_rate, '.3f'), _number(c.q_value, '.3g')]
+            [e(c.label), str(c.place), _number(c.difference, '+.3f'), _number(c.target_rate, '.3f'), _number(c.reference_rate, '.3f'), _number(c.q_value, '.3g')]
             for c in card.contrasts
         ]
         parts += ["<div style='margin-top:8px;font-weight:bold'>fTRI contrasts</div>",
-                  _table(["target", "rank", "difference", "target rate", "reference rate", "q"], rows)]
+                  _table(["target", "place", "difference", "target rate", "reference rate", "q"], rows)]
     if card.markers:
         rows = [
-            [e(m.label), str(m.rank), _number(m.npmi, '+.3f'), f"[{_number(m.npmi_low, '+.2f')}, {_number(m.npmi_high, '+.2f')}]",
-             "-" if m.joint is None else str(m.joint)]
+            [e(m.label), str(m.place), _number(m.npmi, '+.3f'), f"[{_number(m.npmi_low, '+.2f')}, {_number(m.npmi_high, '+.2f')}]",
+             "-" if m.joint_tokens is None else str(m.joint_tokens)]
             for m in card.markers
         ]
-        parts += ["<div style='margin-top:8px;font-weight:bold'>nPMI markers</div>", _table(["condition", "rank", "nPMI", "95% interval", "joint"], rows)]
+        parts += ["<div style='margin-top:8px;font-weight:bold'>nPMI markers</div>", _table(["condition", "place", "nPMI", "95% interval", "joint tokens"], rows)]
     parts.append(f"<div style='margin-top:8px;font-weight:bold'>top {len(card.contexts)} contexts by weight</div>")
     if not card.contexts:
         parts.append("<div>the expert was never chosen by a counted token at this layer</div>")

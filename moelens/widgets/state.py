@@ -544,7 +544,7 @@ class ExpertGridState:
                 break
             stability = routing_stability(baseline[1], steered[1])
             events = int(stability["tokens"].sum())
-            changed = float(stability["changed"].sum()) / events if events else 0.0
+            changed = float(stability["changed_tokens"].sum()) / events if events else 0.0
             scores = [ReferenceScore(*score) if score else None for score in (baseline_score, steered_score)]
             results.append(PromptComparison(prompt, baseline[0], steered[0], changed, events, baseline[1], steered[1], reference, *scores))
         return results

@@ -184,7 +184,7 @@ class ExpertGrid(widgets.VBox):
             self._act(lambda: self.state.toggle(layer, expert, self.mode.value))
 
     def _ftri_controls(self) -> widgets.HBox:
-        from moelens.analysis.ftri import specific_experts
+        from moelens.analysis.ftri import top_experts
 
         self.ftri_domain = widgets.Dropdown(options=sorted(self.ftri_tables), description="fTRI of")
         self.ftri_count = widgets.BoundedIntText(value=8, min=1, max=10_000, description="top n", layout=widgets.Layout(width="140px"))
@@ -192,7 +192,7 @@ class ExpertGrid(widgets.VBox):
 
         def mark_top_experts() -> None:
             # only experts the domain over-uses: with a large count, the rest of the table is negative
-            self.state.mark(specific_experts(self.ftri_tables[self.ftri_domain.value], self.ftri_count.value), self.mode.value)
+            self.state.mark(top_experts(self.ftri_tables[self.ftri_domain.value], self.ftri_count.value), self.mode.value)
 
         self.ftri_button.on_click(lambda _: self._act(mark_top_experts))
         return widgets.HBox([self.ftri_domain, self.ftri_count, self.ftri_button])
