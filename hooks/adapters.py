@@ -82,6 +82,7 @@ class MoeView:
 
     @property
     def num_decoder_layers(self) -> int:
+        """Decoder layers of the text stack, dense ones included."""
         return len(self.decoder_layers)
 
 

@@ -62,6 +62,7 @@ class RouterReading:
         return router_logits.float().log() if self.probabilities else router_logits.float()
 
     def describe(self) -> list[str]:
+        """The router tensors this reading uses, in words (for messages)."""
         return [
             words
             for on, words in (
@@ -98,6 +99,7 @@ class RoutingCheck:
 
     @property
     def steerable_layers(self) -> list[int]:
+        """The MoE layers whose routing rule was verified (interventions may touch them)."""
         return [index for index, layer in self.layers.items() if layer.rule is not None]
 
     def steerable(self, layer_index: int) -> LayerRouting:
@@ -126,6 +128,7 @@ class RoutingCheck:
 
     @property
     def reading(self) -> RouterReading:
+        """The router tensors the first verified layer's rule reads (empty when none is verified)."""
         return next((layer.reading for layer in self.layers.values() if layer.rule is not None), RouterReading())
 
     @property

@@ -130,6 +130,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``moelens`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit
+    code: 0 done, 2 a user error (one line on stderr saying what to do), 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["zoo"] and argv[1:2] and argv[1] in _ZOO_SCRIPTS:
         # these scripts own their arguments (argparse cannot pass leading options through)

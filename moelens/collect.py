@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CollectOptions:
+    """How :func:`collect` runs: prompts per forward call, tokens generated per prompt (0: prompts
+    only), router logits, resuming an interrupted store, truncating over-long prompts, prompts per
+    shard, the model's placement when loaded by name (device, dtype, device_map, max_memory,
+    offload_folder), and the progress bar."""
+
     batch_size: int = 8
     max_new_tokens: int = 0
     full_logits: bool = False
@@ -215,9 +220,21 @@ def open_for_writing(out: Path, resume: bool, lock: store.WriterLock) -> None:
         raise
 
 
+def _comparable(manifest: store.Manifest) -> store.Manifest:
+    """``manifest`` with its intervention in today's spec format (a store written by an older
+    moelens records the same spec in older words: ``only_layers``, ranks from 1)."""
+    if manifest.intervention is None:
+        return manifest
+    from dataclasses import replace
+
+    from moelens.interventions import Intervention
+
+    return replace(manifest, intervention=Intervention.from_dict(manifest.intervention, where="the store's manifest").to_dict())
+
+
 def _check_resume(out: Path, manifest: store.Manifest) -> None:
     existing = store.read_manifest(out)
-    if existing.identity() != manifest.identity():
+    if _comparable(existing).identity() != manifest.identity():
         raise CollectError(
             f"--resume into {out}: the store was recorded from model {existing.model!r} (config "
             f"{existing.config_hash[:12]}, intervention {existing.intervention}), not from {manifest.model!r} "

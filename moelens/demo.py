@@ -101,6 +101,7 @@ def _arith_contrast(model: Any, tokenizer: Any, limit: int = 60) -> dict[str, tu
 
 
 def run(out: Path, model_name: str = "moelens-tiny") -> None:
+    """The demo (see the module docstring): prints its findings and writes tables and figures to ``out``."""
     import pandas as pd
 
     import moelens
@@ -131,6 +132,7 @@ def run(out: Path, model_name: str = "moelens-tiny") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m moelens.demo [--out DIR] [--model NAME]``; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--model", default="moelens-tiny")

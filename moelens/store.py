@@ -69,6 +69,7 @@ class StoreLayout:
     prompt_id_type: str = "uint32"  # "uint32" for row numbers and integer ids, "string" otherwise
 
     def routes_schema(self) -> pa.Schema:
+        """Arrow schema of ``routes``: one row per (prompt_id, position, layer, rank)."""
         import pyarrow as pa
 
         return pa.schema(
@@ -83,6 +84,7 @@ class StoreLayout:
         )
 
     def tokens_schema(self) -> pa.Schema:
+        """Arrow schema of ``tokens``: one row per recorded (prompt_id, position)."""
         import pyarrow as pa
 
         return pa.schema(
@@ -96,6 +98,7 @@ class StoreLayout:
         )
 
     def logits_schema(self) -> pa.Schema:
+        """Arrow schema of ``logits``: one row per (prompt_id, position, layer), E float16 router logits."""
         import pyarrow as pa
 
         return pa.schema(
@@ -144,10 +147,12 @@ class Manifest:
     shards: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
+        """The manifest as the JSON text of ``manifest.json`` (sorted keys)."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
+        """Parse ``manifest.json`` text; a :class:`StoreError` names ``where`` if it is not a manifest."""
         try:
             data = json.loads(text)
             if not isinstance(data, dict):
@@ -236,6 +241,7 @@ class WriterLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Give the lock up (removing the holder file); a no-op when not held."""
         import fcntl
 
         fd, self._fd = self._fd, None
@@ -268,10 +274,12 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Write ``root/manifest.json`` atomically (a crash leaves the old one or the new one)."""
     _write_atomic(root / MANIFEST, lambda tmp: tmp.write_text(manifest.to_json()))
 
 
 def read_manifest(root: Path) -> Manifest:
+    """Read ``root/manifest.json``; a :class:`StoreError` says when ``root`` is not a store."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise StoreError(f"{root} is not a moelens trace store: it has no {MANIFEST}.")
@@ -279,6 +287,7 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def shard_name(index: int) -> str:
+    """The file stem of shard ``index`` (``shard-000003``)."""
     return f"shard-{index:06d}"
 
 

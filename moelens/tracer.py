@@ -262,10 +262,18 @@ class Tracer(Trace):
 
         # per layer: (logits, weights as float32, indices)
         outs = [(here(step.logits[i]), here(step.routing[i][1]).float(), here(step.routing[i][0])) for i in layer_ids]
+        # an intervention may give some layers fewer slots (top_k or rank on chosen layers): pad them
+        # with empty slots (index E, weight 0, ranked last), which the tables leave out
+        slots = max(o[2].shape[-1] for o in outs)
+        sentinel = max(layer.num_experts for layer in self._moe_layers)
+
+        def padded(t: torch.Tensor, value: float) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, slots - t.shape[-1]), value=value) if t.shape[-1] < slots else t
+
         tensors = {
-            "indices": torch.stack([o[2] for o in outs]),  # [L, B*S, k]
-            "weights": torch.stack([o[1] for o in outs]),  # [L, B*S, k]
-            "rank_key": torch.stack([self._rank_key(i, o) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
+            "indices": torch.stack([padded(o[2], sentinel) for o in outs]),  # [L, B*S, k]
+            "weights": torch.stack([padded(o[1], 0.0) for o in outs]),  # [L, B*S, k]
+            "rank_key": torch.stack([padded(self._rank_key(i, o), float("-inf")) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
             "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
             "positions": step.tokens.positions,
             "real": step.tokens.real,
@@ -324,10 +332,13 @@ class Tracer(Trace):
     def layout(self) -> StoreLayout:
         """The column types of the tables: the one given to :func:`trace`, or derived from the
         model and the first prompt id (string ids give string columns)."""
-        if self._layout is None:
-            first_id = self._seen_prompt_ids[0] if self._seen_prompt_ids else 0
-            self._layout = store_layout(self.model, self._moe_layers, prompt_id_type="string" if isinstance(first_id, str) else "uint32")
-        return self._layout
+        if self._layout is not None:
+            return self._layout
+        first_id = self._seen_prompt_ids[0] if self._seen_prompt_ids else 0
+        layout = store_layout(self.model, self._moe_layers, prompt_id_type="string" if isinstance(first_id, str) else "uint32")
+        if self._seen_prompt_ids:  # before the first prompt the id type is a guess: do not keep it
+            self._layout = layout
+        return layout
 
     # --- results -----------------------------------------------------------------------------
     @property
@@ -356,7 +367,7 @@ class Tracer(Trace):
         """Every table as Arrow, built on the first call (then the condensed steps are let go)."""
         if self._tables is None:
             if not self._finished:
-                raise TraceError("the trace is read after its `with` block has ended without error")
+                raise TraceError("the trace can be read only after its `with` block has ended without error")
             self._tables = _build_tables(self)
             self._steps = []
         return dict(self._tables)

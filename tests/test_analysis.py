@@ -357,6 +357,10 @@ def test_every_analysis_has_the_same_spec_helpers(planted_domains, marker_store)
     top = analysis.npmi_top_experts(npmi_table, 3)  # n counts over all layers, experts sorted in each layer
     assert sum(map(len, top.values())) == 3 and all(experts == sorted(experts) for experts in top.values())
     assert analysis.npmi_spec(npmi_table, 1, kind="drop").to_dict() == disable({1: [3]}, mode=Drop()).to_dict()
+    with pytest.raises(ValueError, match="factor applies to kind='reweight' only"):
+        analysis.npmi_spec(npmi_table, 1, kind="drop", factor=8.0)
+    with pytest.raises(ValueError, match="renormalize does not apply"):
+        analysis.npmi_spec(npmi_table, 1, kind="reroute", renormalize=True)
     with pytest.raises(ValueError, match="'switch_off' is now called 'drop'"):
         analysis.ftri_spec(table, 1, kind="switch_off")
     with pytest.raises(ValueError, match="n must be a whole number >= 1"):

@@ -356,3 +356,26 @@ def test_a_truncated_shard_is_named_on_first_query(tmp_path, capsys):
         stored.sql("SELECT count(*) FROM routes")
     with pytest.raises(StoreError, match=expected):
         stored.routes
+
+
+def test_resume_accepts_a_manifest_whose_spec_is_in_the_older_words(tmp_path):
+    """A store collected under an intervention by an older moelens records the spec in version-1
+    words (no "version", "only_layers", ranks from 1); resuming with the same spec must go on."""
+    from moelens.collect import CollectOptions, collect
+    from moelens.interventions import rank
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one two three\nfour five six\nseven eight\n")
+    spec = rank(1, layers=[1])  # each token's second choice at layer 1
+    collect(MODEL, prompts, tmp_path / "s", CollectOptions(progress=False, shard_size=2), intervention=spec)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    part = manifest["intervention"]["interventions"][0]
+    manifest["intervention"] = {"interventions": [{"kind": "rank", "rank": part["rank"] + 1, "only_layers": part["layers"], "tokens": part["tokens"]}]}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    # the last shard is "lost": resume must accept the old manifest and collect it again
+    last = sorted((tmp_path / "s" / "shards").glob("shard-*.json"))[-1]
+    last.unlink()
+    store = collect(MODEL, prompts, tmp_path / "s", CollectOptions(progress=False, shard_size=2, resume=True), intervention=spec)
+    assert sorted(store.prompts["prompt_id"].tolist()) == [0, 1, 2]
+    with pytest.raises(Exception, match="intervention"):
+        collect(MODEL, prompts, tmp_path / "s", CollectOptions(progress=False, shard_size=2, resume=True), intervention=rank(2, layers=[1]))

@@ -594,3 +594,10 @@ def test_export_refuses_unequal_or_partial_keep_lists(tmp_path):
     group_model, group_tokenizer = moelens.load("tiny:deepseek_v2")
     with pytest.raises(SpecError, match="routes within 4 expert groups"):
         export_pruned(group_model, group_tokenizer, keep({1: list(range(4)), 2: list(range(4))}), tmp_path)
+
+
+def test_retired_disable_fields_are_read_from_version_1_only():
+    old = {"interventions": [{"kind": "disable", "experts": {"1": [0]}, "mode": "drop", "renormalize": True, "tokens": "all"}]}
+    assert Intervention.from_dict(old) == disable({1: [0]}, mode=Drop(renormalize=True))
+    with pytest.raises(SpecError, match="unknown field"):
+        Intervention.from_dict({"version": 2, **old})

@@ -522,9 +522,10 @@ def test_validation_errors(controls: RoutingControls, error: type[Exception], ma
         pytest.param(lambda: RoutingControls(drop_renormalize=True), id="renormalize-without-drop"),
     ],
 )
-def test_contradictory_controls_cannot_be_built(build: Callable[[], object]) -> None:
-    """Forcing lives inside top-k selection, top-p and rank are alternatives, and each renormalisation
-    belongs to the part it undoes: the contradictory combinations the flags allowed have no spelling."""
+def test_the_retired_flag_spellings_are_gone(build: Callable[[], object]) -> None:
+    """A guard on the API's shape, not on behaviour: forcing lives inside top-k selection, top-p and
+    rank are alternatives, and each renormalisation belongs to the part it undoes, so the flag
+    spellings that could express contradictions must not come back."""
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         build()
 

@@ -230,3 +230,47 @@ def test_a_device_budget_moves_old_steps_to_the_host_and_keeps_the_trace(monkeyp
 
 def _step_bytes(tracer):
     return [sum(t.numel() * t.element_size() for t in step.tensors.values()) for step in tracer._steps]
+
+
+def test_asking_for_the_layout_before_any_prompt_does_not_fix_the_id_type():
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    tracer = moelens.trace(model, tokenizer=tokenizer, prompt_ids=["first", "second"])
+    assert tracer.layout().prompt_id_type == "uint32"  # a guess before any prompt was met
+    with torch.no_grad(), tracer:
+        model(**tokenizer(PROMPTS[:2], return_tensors="pt", padding=True))
+    assert tracer.layout().prompt_id_type == "string"
+    assert sorted(tracer.routes["prompt_id"].unique()) == ["first", "second"]
+
+
+@pytest.mark.parametrize("spec_name", ["top_k", "rank"])
+def test_layers_steered_to_fewer_slots_are_traced_beside_full_layers(spec_name):
+    """top_k / rank on chosen layers give those layers fewer slots than the others in the same step."""
+    from moelens.interventions import rank, top_k
+
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    steered_layer = max(layer.index for layer in moe_layers(model))
+    spec = top_k(1, layers=[steered_layer]) if spec_name == "top_k" else rank(1, layers=[steered_layer])
+    received = {}
+
+    def record(layer_index):
+        def hook(module, args, kwargs):
+            received[layer_index] = kwargs.get("top_k_index", args[1] if len(args) > 1 else None).clone()
+        return hook
+
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with moelens.intervene(model, spec):
+        handles = [layer.experts.register_forward_pre_hook(record(layer.index), with_kwargs=True) for layer in moe_layers(model)]
+        try:
+            with torch.no_grad(), moelens.trace(model, tokenizer=tokenizer) as tracer:
+                model(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert received and received[steered_layer].shape[-1] == 1
+    per_token = tracer.routes.groupby(["prompt_id", "position", "layer"]).size().groupby("layer").unique()
+    assert list(per_token[steered_layer]) == [1]
+    assert all(list(counts) == [model.config.num_experts_per_tok] for layer, counts in per_token.items() if layer != steered_layer)
+    real = batch["attention_mask"].reshape(-1).bool()
+    expected = received[steered_layer].reshape(-1, 1)[real, 0]
+    got = tracer.routes.query("layer == @steered_layer").sort_values(["prompt_id", "position"])["expert"].to_numpy()
+    assert sorted(got.tolist()) == sorted(expected.tolist())

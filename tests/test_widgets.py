@@ -481,3 +481,23 @@ def test_spec_view_round_trips_to_the_grid_spec(grid):
     grid.set(3, 1, "boosted")
     encoded = re.search(r"base64,([^']+)'", spec_html(grid)).group(1)
     assert Intervention.from_json(base64.b64decode(encoded).decode()) == grid.to_spec()
+
+
+def test_compare_hands_over_each_result_as_soon_as_it_is_complete(shipped):
+    model, tokenizer = shipped
+    grid = ExpertGridState.from_model(model)
+    handed, seen_while_streaming = [], []
+
+    def progress(event):
+        seen_while_streaming.append((event.prompt_index, len(handed)))
+
+    results = grid.compare(model, tokenizer, ["a = 1", "b = 2"], max_new_tokens=2, on_progress=progress, on_result=handed.append)
+    assert handed == results and len(results) == 2
+    assert (1, 1) in seen_while_streaming  # prompt 2 streamed while prompt 1's result was already out
+
+
+def test_token_pieces_of_a_trace_without_token_strings():
+    from moelens.widgets.tokens import token_pieces
+
+    # a null token string reaches pandas as None or as NaN (DuckDB)
+    assert token_pieces([5, 6], [None, float("nan")]) == ["⟨5⟩", "⟨6⟩"]

@@ -231,7 +231,7 @@ def top_experts(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
 
 
 def to_spec(
-    table: pd.DataFrame, n: int, *, kind: str = "reweight", factor: float = 64.0, renormalize: bool = False, **options: Any
+    table: pd.DataFrame, n: int, *, kind: str = "reweight", factor: float | None = None, renormalize: bool = False, **options: Any
 ) -> Intervention:
     """An intervention on :func:`top_experts` ``(table, n)``: the table's first ``n`` experts over all
     layers (not per layer; RICE picks its experts over the whole model, e.g. two).
@@ -244,10 +244,17 @@ def to_spec(
             ``renormalize`` (``disable(experts, mode=Drop(renormalize=...))``).
         ``"reroute"``: they leave the choice and the next-best expert takes each slot (``disable(experts)``).
 
-    ``factor`` is read by ``"reweight"`` only; ``options`` go to the constructor (``tokens``).
+    ``factor`` (default 64.0) applies to ``"reweight"`` only and ``renormalize`` not to ``"reroute"``:
+    given where it does not apply, it is refused. ``options`` go to the constructor (``tokens``).
     """
     from moelens import interventions
     from moelens.analysis._specs import build
+
+    if factor is not None and kind != "reweight":
+        raise ValueError(f"npmi to_spec: factor applies to kind='reweight' only, not {kind!r}")
+    if renormalize and kind == "reroute":
+        raise ValueError("npmi to_spec: renormalize does not apply to kind='reroute' (the next choice takes the slot)")
+    factor = 64.0 if factor is None else factor
 
     builders = {
         "reweight": lambda experts, **o: interventions.reweight(experts, factor, renormalize=renormalize, **o),

@@ -230,7 +230,7 @@ class Keep(Part):
 
 
 FORMAT_VERSION = 2  # the JSON format Intervention.to_dict writes; a spec without "version" is version 1
-_LEGACY_FIELDS = {"disable": {"renormalize"}}  # read from specs written by earlier versions (see _legacy_mode)
+_LEGACY_FIELDS = {"disable": {"renormalize"}}  # read from version-1 specs only (see _legacy_mode)
 _KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Keep)}
 
 
@@ -275,7 +275,7 @@ class Intervention:
         items = data["interventions"]
         if version == 1:
             items = [_from_version_1(item, f"{where}, intervention {i}") for i, item in enumerate(items)]
-        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(items)))
+        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}", legacy=version == 1) for i, item in enumerate(items)))
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "spec") -> Intervention:
@@ -322,7 +322,8 @@ def _from_version_1(item: Any, where: str) -> Any:
     return item
 
 
-def _part_from_dict(item: Any, where: str) -> Part:
+def _part_from_dict(item: Any, where: str, *, legacy: bool) -> Part:
+    """One part from its JSON form; ``legacy``: version 1, whose retired fields are still read."""
     if not isinstance(item, Mapping) or "kind" not in item:
         raise SpecError(f"{where}: each intervention is an object with a `kind` ({', '.join(_KINDS)})")
     kind = item["kind"]
@@ -332,7 +333,7 @@ def _part_from_dict(item: Any, where: str) -> Part:
     constructor = _CONSTRUCTORS[kind]
     arguments = {k: v for k, v in item.items() if k != "kind"}
     current = {f.name for f in fields(_KINDS[kind])}
-    unknown = sorted(set(arguments) - current - _LEGACY_FIELDS.get(kind, set()))
+    unknown = sorted(set(arguments) - current - (_LEGACY_FIELDS.get(kind, set()) if legacy else set()))
     if unknown:
         hint = "; version 2 calls \"only_layers\" \"layers\"" if "only_layers" in unknown else ""
         raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(current))}{hint}")

@@ -176,10 +176,12 @@ class RoutingExplorerState:
     # --- selection ------------------------------------------------------------------------------
     @property
     def prompt_id(self) -> Any:
+        """The prompt shown."""
         return self._prompt_id
 
     @property
     def layer(self) -> int:
+        """The MoE layer whose first choices colour the tokens."""
         return self._layer
 
     def select(self, *, prompt_id: Any = None, layer: int | None = None) -> None:

@@ -286,9 +286,11 @@ class ExpertGridState:
     # --- reading --------------------------------------------------------------------------------
     @property
     def options(self) -> Options:
+        """The options shared by every cell."""
         return self._options
 
     def mode(self, layer: int, expert: int) -> Mode:
+        """The mode of one cell (``"on"`` unless changed)."""
         self._check_cell(layer, expert)
         return self._modes.get((layer, expert), "on")
 
@@ -488,6 +490,7 @@ class ExpertGridState:
         *,
         references: Sequence[str | None] | None = None,
         on_progress: Callable[[GenerationProgress], None] | None = None,
+        on_result: Callable[[PromptComparison], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> list[PromptComparison]:
         """Generate each prompt greedily without and with :meth:`to_spec`, tracing both runs.
@@ -500,6 +503,7 @@ class ExpertGridState:
                 under both runs with :func:`moelens.evaluation.continuation_logprob`; its tokens
                 count as generated tokens, so a ``"generated"`` scope steers exactly them.
             on_progress: called with every new token of either run (for streaming views).
+            on_result: called with each prompt's comparison as soon as it is complete.
             cancelled: polled before each prompt and after each generated token; once it returns
                 ``True`` the comparisons finished so far are returned (the interrupted prompt is
                 left out).
@@ -536,7 +540,7 @@ class ExpertGridState:
             reference = references[index] if references is not None else None
             batch = tokenizer([prompt], return_tensors="pt").to(device)
             baseline = generate(index, "baseline", batch)
-            baseline_score = continuation_logprob(model, tokenizer, prompt, reference) if reference else None
+            baseline_score = continuation_logprob(model, tokenizer, prompt, reference) if reference and baseline else None
             with moelens.intervene(model, spec):
                 steered = generate(index, "steered", batch) if baseline else None
                 steered_score = continuation_logprob(model, tokenizer, prompt, reference) if reference and steered else None
@@ -547,6 +551,8 @@ class ExpertGridState:
             changed = float(stability["changed_tokens"].sum()) / events if events else 0.0
             scores = [ReferenceScore(*score) if score else None for score in (baseline_score, steered_score)]
             results.append(PromptComparison(prompt, baseline[0], steered[0], changed, events, baseline[1], steered[1], reference, *scores))
+            if on_result is not None:
+                on_result(results[-1])
         return results
 
 

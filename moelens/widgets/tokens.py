@@ -67,7 +67,8 @@ def token_pieces(
         names = tokenizer.convert_ids_to_tokens([int(i) for i in token_ids])
         pieces = decoded_pieces(tokenizer, [int(i) for i in token_ids])
         return [names[i] if int(token_id) in special else piece for i, (token_id, piece) in enumerate(zip(token_ids, pieces))]
-    return _mapped_pieces([int(i) for i in token_ids], list(tokens), set(special_ids))
+    # a null token string can arrive as NaN (pandas/DuckDB): anything not a string is unknown
+    return _mapped_pieces([int(i) for i in token_ids], [t if isinstance(t, str) else None for t in tokens], set(special_ids))
 
 
 def _mapped_pieces(token_ids: list[int], tokens: list[str | None], special: set[int]) -> list[str]:

@@ -85,6 +85,7 @@ class ExpertGrid(widgets.VBox):
         self._cancel = threading.Event()
         self._run_message = ""
         self._drawing = False  # option widgets set while drawing must not feed back into the state
+        self._lock = threading.RLock()  # the worker's last render and a click's change take turns
         self._stop_observing: Callable[[], None] = lambda: None
 
         self.mode = widgets.ToggleButtons(options=[*MODES, SELECT], value="disabled", description="brush")
@@ -203,17 +204,22 @@ class ExpertGrid(widgets.VBox):
     def _act(self, action: Callable[[], object]) -> None:
         """Run a state change; a rejected change shows its message in the widget (the state's
         observers redraw after an accepted one)."""
-        if self._drawing:
-            return
-        try:
-            action()
-        except ValueError as error:
-            self._run_message = _error_html(error)
-            self.render()
+        with self._lock:
+            if self._drawing:  # an option widget written by render() on this thread
+                return
+            try:
+                action()
+            except ValueError as error:
+                self._run_message = _error_html(error)
+                self.render()
 
     # --- drawing ----------------------------------------------------------------------------------
     def render(self) -> None:
         """Show the state: cell colours, selection, option widgets, legend, spec, card and any problem."""
+        with self._lock:
+            self._draw()
+
+    def _draw(self) -> None:
         state = self.state
         selection = set(state.selection)
         shading = state.shading
@@ -255,7 +261,9 @@ class ExpertGrid(widgets.VBox):
         """Start comparing baseline and steered generations of the prompts in the text box.
 
         Runs in a worker thread (returned; ``join()`` it to wait) and streams into the comparison
-        table; problems show in the widget's status line. ``None`` when nothing was started.
+        table; problems show in the widget's status line. ``None`` when nothing was started. While
+        it runs the kernel stays free, but the model is traced and (for the steered run) steered:
+        a cell that runs the same model meanwhile is steered too and lands in the comparison's trace.
         """
         if self.busy:
             return None
@@ -297,9 +305,9 @@ class ExpertGrid(widgets.VBox):
 
         try:
             results = self.state.compare(
-                self.model, self.tokenizer, prompts, max_new_tokens, references=references, on_progress=show, cancelled=self._cancel.is_set
+                self.model, self.tokenizer, prompts, max_new_tokens,
+                references=references, on_progress=show, on_result=finished.append, cancelled=self._cancel.is_set,
             )
-            finished.extend(results)
             self.comparisons = results
             self.comparison.value = comparison_table(results, summary)
             if self._cancel.is_set():

@@ -47,6 +47,8 @@ def family_reports(model_types: Iterable[str] | None = None) -> list[FamilyRepor
 
 
 def family_report(model_type: str) -> FamilyReport:
+    """Build a tiny random ``model_type`` model and check it: a padded traced forward pass, the
+    routing-rule check, and disabling its busiest expert (removed from routing, logits changed)."""
     import torch
 
     from moelens.zoo.shrink import build_tiny_model
