@@ -70,8 +70,9 @@ bench: setup
 	$(BIN)/python -m benchmarks.intervention_overhead
 	$(BIN)/python -m benchmarks.analysis_throughput
 
-# PLOTLY_RENDERER=notebook embeds plotly.js in each page (readable offline); widget state is saved
-# with the outputs, so the rendered grid and explorer show as they were left.
+# PLOTLY_RENDERER=notebook embeds plotly.js in each page: figures, tables and text read offline.
+# Widget state is saved with the outputs; the widgets (grid, explorer) render from it only where the
+# page can load the Jupyter widget manager from unpkg.com (nbconvert's template links it).
 docs: setup
 	mkdir -p runs/docs
 	PLOTLY_RENDERER=notebook $(BIN)/python -m jupyter nbconvert --to html --execute notebooks/*.ipynb \
