@@ -271,3 +271,19 @@ def test_explorer_shows_a_steered_diff_and_an_expert_card(lab):
     card.scroll_into_view_if_needed()
     assert "load" in card.inner_text().lower()
     lab.screenshot("expert-card", ".moelens-card")
+
+
+def test_a_heatmap_click_selects_the_expert_in_the_grid_and_opens_its_card(lab):
+    lab.run("04_explorer")
+    page = lab.page
+    lab.execute("grid.state.select([])\ngrid.card_view.value = ''")
+    plot = page.locator(".js-plotly-plot .nsewdrag").last  # the linked heatmap (a FigureWidget)
+    plot.scroll_into_view_if_needed()
+    box = plot.bounding_box()
+    assert box is not None and box["width"] > 50
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.wait_for_function("() => document.querySelector('.moelens-grid .moelens-card-view').innerText.includes('expert')", timeout=60_000)
+    layer, expert = json.loads(lab.execute("import json\nprint(json.dumps(grid.state.selection[-1]))"))
+    card = page.locator(".moelens-grid .moelens-card-view").inner_text()
+    assert f"Layer {layer}, expert {expert}" in card  # the card of the clicked cell, in the grid
+    lab.screenshot("linked-heatmap-and-grid", ".moelens-grid")
