@@ -123,16 +123,22 @@ class Lab:
         self.page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=30_000)
         self.page.wait_for_timeout(500)  # the theme's stylesheet applies after the attribute
 
+    def panel(self):
+        """The current notebook's panel (the notebooks opened before stay in the page, hidden):
+        every query of a test goes through it, so it never finds another notebook's widgets."""
+        widget_id = self.page.evaluate("() => window.jupyterapp.shell.currentWidget.id")
+        return self.page.locator(f"[id='{widget_id}']")
+
     def screenshot(self, name: str, selector: str | None = None) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
-        target = self.page.locator(selector).first if selector else self.page
+        target = self.panel().locator(selector).first if selector else self.page
         target.screenshot(path=str(path))
         return path
 
     def colors(self, selector: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(background, text) colours of the first element matching ``selector``, as computed by the browser."""
-        values = self.page.eval_on_selector(selector, "e => [getComputedStyle(e).backgroundColor, getComputedStyle(e).color]")
+        values = self.panel().locator(selector).first.evaluate("e => [getComputedStyle(e).backgroundColor, getComputedStyle(e).color]")
         return tuple(tuple(int(float(v)) for v in value[value.index("(") + 1 : -1].split(",")[:3]) for value in values)
 
 
@@ -203,14 +209,14 @@ def test_notebook_runs_in_jupyterlab_without_errors_or_stderr(lab, path):
 def test_steering_grid_paints_generates_and_steers_only_generated_tokens(lab):
     lab.run("02_steering")
     page = lab.page
-    grid = page.locator(".moelens-grid").first
+    grid = lab.panel().locator(".moelens-grid").first
     grid.scroll_into_view_if_needed()
     cells = grid.locator(".moelens-cell")
     assert cells.count() > 16
     lab.execute("grid.state.clear()")  # a change from code redraws the grid
     on_background, _ = lab.colors(".moelens-grid .moelens-cell")
     cells.nth(0).click()  # the default brush disables
-    page.wait_for_function("() => document.querySelector('.moelens-grid .moelens-cell').style.backgroundColor !== ''")
+    page.wait_for_function("cell => cell.title.endsWith(': disabled')", arg=cells.nth(0).element_handle())
     disabled_background, disabled_text = lab.colors(".moelens-grid .moelens-cell")
     assert disabled_background == (217, 83, 79) != on_background and disabled_text == (255, 255, 255)
     assert "disabled (reroute) L0: 0" in grid.locator(".moelens-status").inner_text()
@@ -223,8 +229,8 @@ def test_steering_grid_paints_generates_and_steers_only_generated_tokens(lab):
     )
     grid.locator(".moelens-scope select").select_option("generated")
     grid.locator(".moelens-generate").click()
-    page.wait_for_selector(".moelens-grid .moelens-comparison .moelens-row >> nth=1", timeout=RUN_TIMEOUT_MS)
-    page.wait_for_function("() => !document.querySelector('.moelens-grid .moelens-generate').disabled", timeout=RUN_TIMEOUT_MS)
+    grid.locator(".moelens-comparison .moelens-row").nth(1).wait_for(timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function("button => !button.disabled", arg=grid.locator(".moelens-generate").element_handle(), timeout=RUN_TIMEOUT_MS)
     table = grid.locator(".moelens-comparison").inner_text()
     assert "def add(a, b): return a +" in table and "over 1 token" in table  # the reference's log-prob, both runs
     check = lab.execute(
@@ -257,7 +263,7 @@ def test_explorer_shows_a_steered_diff_and_an_expert_card(lab):
     outputs = lab.run("04_explorer")
     assert outputs
     page = lab.page
-    explorer = page.locator(".moelens-explorer").first
+    explorer = lab.panel().locator(".moelens-explorer").first
     explorer.scroll_into_view_if_needed()
     assert explorer.locator(".moelens-token").count() > 5
     assert explorer.locator(".moelens-token-changed").count() > 0  # the steered trace's changed decisions
@@ -267,7 +273,7 @@ def test_explorer_shows_a_steered_diff_and_an_expert_card(lab):
     detail.wait_for(state="visible")
     assert "L0" in detail.inner_text() or "layer" in detail.inner_text()
     lab.screenshot("explorer", ".moelens-explorer")
-    card = page.locator(".moelens-card").first
+    card = lab.panel().locator(".moelens-card").first
     card.scroll_into_view_if_needed()
     assert "load" in card.inner_text().lower()
     lab.screenshot("expert-card", ".moelens-card")
@@ -277,13 +283,14 @@ def test_a_heatmap_click_selects_the_expert_in_the_grid_and_opens_its_card(lab):
     lab.run("04_explorer")
     page = lab.page
     lab.execute("grid.state.select([])\ngrid.card_view.value = ''")
-    plot = page.locator(".js-plotly-plot .nsewdrag").last  # the linked heatmap (a FigureWidget)
+    plot = lab.panel().locator(".js-plotly-plot .nsewdrag").last  # the linked heatmap (a FigureWidget)
     plot.scroll_into_view_if_needed()
     box = plot.bounding_box()
     assert box is not None and box["width"] > 50
     page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
-    page.wait_for_function("() => document.querySelector('.moelens-grid .moelens-card-view').innerText.includes('expert')", timeout=60_000)
+    grid = lab.panel().locator(".moelens-grid").first
+    grid.locator(".moelens-card-view", has_text="expert").wait_for(timeout=60_000)
     layer, expert = json.loads(lab.execute("import json\nprint(json.dumps(grid.state.selection[-1]))"))
-    card = page.locator(".moelens-grid .moelens-card-view").inner_text()
+    card = grid.locator(".moelens-card-view").inner_text()
     assert f"Layer {layer}, expert {expert}" in card  # the card of the clicked cell, in the grid
     lab.screenshot("linked-heatmap-and-grid", ".moelens-grid")
