@@ -171,14 +171,20 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def with_prompt_ids(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """``records`` with their ``id`` field (removed) turned into a leading ``prompt_id``: integers if
-    every id is one (0 <= id < 2**32), strings otherwise; raises :class:`PromptFileError` on a repeat."""
+    every id is one (0 <= id < 2**32), strings otherwise; raises :class:`PromptFileError` on a repeat.
+
+    Every record gets every field any record has (``None`` where it has none), in the order they
+    first appear: a prompts table takes its columns from the first record, and every shard of a
+    store must have the same columns, so a tag only later records carry is not lost.
+    """
     ids = [record.pop("id") for record in records]
     as_int = [_as_uint(value) for value in ids]
     final: list[Any] = as_int if all(v is not None for v in as_int) else [str(v) for v in ids]
     repeated = [value for value, count in Counter(final).items() if count > 1]
     if repeated:
         raise PromptFileError(f"{path}: prompt id {repeated[0]!r} appears more than once; ids must be unique")
-    return [{"prompt_id": pid, **record} for pid, record in zip(final, records)]
+    fields = list(dict.fromkeys(key for record in records for key in record))
+    return [{"prompt_id": pid, **{key: record.get(key) for key in fields}} for pid, record in zip(final, records)]
 
 
 def _as_uint(value: Any) -> int | None:
@@ -361,7 +367,10 @@ def _collect_locked(
     from moelens.interventions import Intervention, intervene
 
     with intervene(model, intervention or Intervention()):
-        stats = _run_shards(model, tokenizer, manifest.layout, shards, out, options, rank)
+        # every shard's prompts table in the types of the whole prompt set: a tag that is null
+        # throughout one shard must not make that shard's column a null column
+        prompts_schema = prompts_table(records, manifest.layout).schema
+        stats = _run_shards(model, tokenizer, manifest.layout, prompts_schema, shards, out, options, rank)
     _barrier(world)
     if rank == 0:
         manifest = store.read_manifest(out)
@@ -481,7 +490,10 @@ def _padding(tokenizer: Any) -> Iterator[int]:
         tokenizer.pad_token = None
 
 
-def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: list[tuple[int, list[dict[str, Any]]]], out: Path, options: CollectOptions, rank: int) -> dict[str, float]:
+def _run_shards(
+    model: Any, tokenizer: Any, layout: store.StoreLayout, prompts_schema: pa.Schema,
+    shards: list[tuple[int, list[dict[str, Any]]]], out: Path, options: CollectOptions, rank: int,
+) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     stats = {"prompts": 0, "tokens": 0, "events": 0, "seconds": 0.0}
@@ -493,6 +505,7 @@ def _run_shards(model: Any, tokenizer: Any, layout: store.StoreLayout, shards: l
             truncate=options.truncate, on_batch=bar.update, full_logits=options.full_logits, layout=layout,
         )
         tables = tracer.tables()
+        tables["prompts"] = tables["prompts"].cast(prompts_schema)
         stats["tokens"] += tables["tokens"].num_rows
         stats["events"] += tables["routes"].num_rows
         stats["prompts"] += len(records)

@@ -157,7 +157,7 @@ def import_routes(
     sequences = [sequence for number, (where, record) in enumerate(responses) for sequence in reader.sequences(where, number, record)]
     if not sequences:
         raise EngineImportError(f"{source} holds no responses: give a file of saved responses, one per line (.jsonl)")
-    records = _with_all_tags(with_prompt_ids([s.prompt_record for s in sequences], str(source)))
+    records = with_prompt_ids([s.prompt_record for s in sequences], str(source))
     for sequence, record in zip(sequences, records):
         sequence.prompt_record = record
     layout = store.StoreLayout(
@@ -472,12 +472,6 @@ def _routing_array(value: Any, where: str, field: str, layers: int, top_k: int |
             f"{array.dtype}): save the engine's response unmodified"
         )
     return array
-
-
-def _with_all_tags(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every record with every tag (None where absent): the prompts table takes its columns from the first."""
-    columns = list(dict.fromkeys(key for record in records for key in record))
-    return [{key: record.get(key) for key in columns} for record in records]
 
 
 # --- writing -----------------------------------------------------------------------------------

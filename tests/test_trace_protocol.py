@@ -178,3 +178,18 @@ def test_scan_trace_is_lazy_and_read_trace_is_its_alias(tiny_model, tmp_path):
     assert type(again) is type(store)
     pd.testing.assert_frame_equal(again.routes, frames["routes"])
     np.testing.assert_array_equal(again.prompts["domain"], [r["domain"] for r in records])
+
+
+def test_a_tag_only_later_prompts_carry_is_kept(tmp_path):
+    """The prompts table takes its columns from every record, not only the first (and every shard
+    of a store gets the same columns)."""
+    import moelens
+    from moelens.collect import CollectOptions, collect
+
+    model, tokenizer = moelens.load("tiny:qwen3_moe")
+    records = [{"text": "a b"}, {"text": "c d", "domain": "x"}, {"text": "e f"}]
+    traced = moelens.trace(model, prompts=records, tokenizer=tokenizer)
+    stored = collect(model, records, tmp_path / "s", CollectOptions(progress=False, shard_size=1), tokenizer=tokenizer)
+    for trace in (traced, stored):
+        domains = trace.prompts.sort_values("prompt_id")["domain"]  # nulls reach pandas as NaN
+        assert domains.isna().tolist() == [True, False, True] and domains.iloc[1] == "x"
