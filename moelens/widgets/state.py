@@ -531,7 +531,9 @@ class ExpertGridState:
                 )
             if stop():
                 return None
-            return decoded_pieces(tokenizer, output[0, batch["input_ids"].shape[1] :].tolist()), tracer
+            # the streamer decoded every new token as it came: its pieces are the continuation's
+            assert streamer.decoder.token_ids == output[0, batch["input_ids"].shape[1] :].tolist()
+            return tuple(streamer.decoder.pieces), tracer
 
         results: list[PromptComparison] = []
         for index, prompt in enumerate(prompts):

@@ -246,7 +246,11 @@ class ExpertGrid(widgets.VBox):
         if self.card is not None and state.selection:
             self.card_view.value = self.card(*state.selection[-1])
         problem = state.problem(self.model)
-        self.generate_button.disabled = problem is not None or self.busy
+        busy = self.busy
+        self.generate_button.disabled = problem is not None or busy
+        self.generate_button.description = "Generating…" if busy else "Generate"
+        self.generate_button.icon = "spinner" if busy else "play"
+        self.cancel_button.disabled = not busy
         warning = f"<br>{_error_html(problem)}" if problem else ""
         message = f"<br>{self._run_message}" if self._run_message else ""
         self.status.value = f"<code>{html.escape(state.summary())}</code>{warning}{message}"
@@ -254,8 +258,8 @@ class ExpertGrid(widgets.VBox):
     # --- generating -------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Whether a generation is running."""
-        return self._worker is not None and self._worker.is_alive()
+        """Whether a generation is running (the worker clears ``_worker`` as its last act)."""
+        return self._worker is not None
 
     def generate(self) -> threading.Thread | None:
         """Start comparing baseline and steered generations of the prompts in the text box.
@@ -280,19 +284,13 @@ class ExpertGrid(widgets.VBox):
         self.progress.layout.visibility = "visible"
         worker = threading.Thread(target=self._run, args=(prompts, references, self.max_new_tokens.value), daemon=True)
         self._worker = worker  # the worker clears it when done, maybe before this method returns
-        self._set_busy(True)  # before start: a quick run's own "not busy" must come last
+        self.render()  # busy, before start: a quick run's own "not busy" render must come last
         worker.start()
         return worker
 
     def cancel(self) -> None:
         """Stop the running generation after its current token."""
         self._cancel.set()
-
-    def _set_busy(self, busy: bool) -> None:
-        self.generate_button.disabled = busy or self.state.problem(self.model) is not None
-        self.generate_button.description = "Generating…" if busy else "Generate"
-        self.generate_button.icon = "spinner" if busy else "play"
-        self.cancel_button.disabled = not busy
 
     def _run(self, prompts: list[str], references: list[str | None], max_new_tokens: int) -> None:
         finished: list[PromptComparison] = []
@@ -318,7 +316,6 @@ class ExpertGrid(widgets.VBox):
         finally:
             self._worker = None
             self.progress.layout.visibility = "hidden"
-            self._set_busy(False)
             self.render()
 
 
