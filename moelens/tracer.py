@@ -122,6 +122,9 @@ class Tracer(Trace):
         self._special_token_ids = special_token_ids_of(tokenizer)
         self.full_logits = full_logits
         self._moe_layers: list[MoeLayer] = moe_layers(model)
+        self._layer_ids = [layer.index for layer in self._moe_layers]
+        # the index of an empty slot in the condensed steps (the tables leave it out)
+        self._empty_slot = max(layer.num_experts for layer in self._moe_layers)
         self._ranking = _ranking(model, self._moe_layers)
         self._stack = moe_view(model).stack
         self._records = list(records) if records is not None else None
@@ -231,8 +234,7 @@ class Tracer(Trace):
         step, self._current = self._current, None
         if step is None:
             return
-        expected = [layer.index for layer in self._moe_layers]
-        missing = [i for i in expected if i not in step.routing or i not in step.logits]
+        missing = [i for i in self._layer_ids if i not in step.routing or i not in step.logits]
         if missing:
             raise TraceError(
                 f"the routers or experts of MoE layers {missing} did not fire during a forward pass of "
@@ -252,7 +254,7 @@ class Tracer(Trace):
         """The step's routing stacked over layers (device ops only); the router logits are let go."""
         import torch
 
-        layer_ids = [layer.index for layer in self._moe_layers]
+        layer_ids = self._layer_ids
         home = step.tokens.real.device  # layers may sit on several devices (device_map): stack on one
         if home.type == "cuda":
             self._cuda_devices.add(home)
@@ -265,13 +267,12 @@ class Tracer(Trace):
         # an intervention may give some layers fewer slots (top_k or rank on chosen layers): pad them
         # with empty slots (index E, weight 0, ranked last), which the tables leave out
         slots = max(o[2].shape[-1] for o in outs)
-        sentinel = max(layer.num_experts for layer in self._moe_layers)
 
         def padded(t: torch.Tensor, value: float) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, slots - t.shape[-1]), value=value) if t.shape[-1] < slots else t
 
         tensors = {
-            "indices": torch.stack([padded(o[2], sentinel) for o in outs]),  # [L, B*S, k]
+            "indices": torch.stack([padded(o[2], self._empty_slot) for o in outs]),  # [L, B*S, k]
             "weights": torch.stack([padded(o[1], 0.0) for o in outs]),  # [L, B*S, k]
             "rank_key": torch.stack([padded(self._rank_key(i, o), float("-inf")) for i, o in zip(layer_ids, outs)]),  # [L, B*S, k]
             "nan": torch.stack([o[0].isnan().any() for o in outs]),  # [L]
@@ -343,7 +344,7 @@ class Tracer(Trace):
     # --- results -----------------------------------------------------------------------------
     @property
     def layers(self) -> list[int]:
-        return [layer.index for layer in self._moe_layers]
+        return list(self._layer_ids)
 
     @property
     def experts(self) -> int:

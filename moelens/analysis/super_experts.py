@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 ExpertsByLayer = Mapping[int, Sequence[int]]
 
 
+# the experts-table column each reading of an expert's output fills (see SuperExpertOptions.reading)
+OUTPUT_COLUMN = {"all_rows": "max_output", "first_row": "first_row_max"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SuperExpertOptions:
     """How :func:`profile_super_experts` runs and detects, and how :func:`drop_report` runs
@@ -85,7 +89,7 @@ class SuperExpertOptions:
             raise ValueError(f"fraction_of_max={self.fraction_of_max!r} is outside [0, 1]")
         if not 0 < self.layer_fraction <= 1:
             raise ValueError(f"layer_fraction={self.layer_fraction!r} is outside (0, 1]")
-        if self.reading not in ("all_rows", "first_row"):
+        if self.reading not in OUTPUT_COLUMN:
             raise ValueError(f"reading={self.reading!r}: use 'all_rows' or 'first_row'")
 
 
@@ -139,7 +143,7 @@ def top_experts(report: SuperExpertReport, n: int | None = None) -> dict[int, li
     from moelens.analysis._specs import by_layer, check_count
 
     check_count(n, optional=True)
-    column = {"all_rows": "max_output", "first_row": "first_row_max"}[report.thresholds.get("reading", "all_rows")]
+    column = OUTPUT_COLUMN[report.thresholds.get("reading", "all_rows")]
     routed = report.experts[report.experts["super"] & (report.experts["kind"] == "routed")]
     routed = routed.sort_values([column, "layer", "expert"], ascending=[False, True, True], kind="stable")
     return by_layer(routed if n is None else routed.head(n))
@@ -222,7 +226,7 @@ def detect_super_experts(
     import numpy as np
 
     percentile, fraction_of_max, reading = options.percentile, options.fraction_of_max, options.reading
-    column = {"all_rows": "max_output", "first_row": "first_row_max"}[reading]
+    column = OUTPUT_COLUMN[reading]
     max_layer = round(options.layer_fraction * num_layers)
     kept = experts["layer"] < max_layer
     maxima = experts.loc[kept, column].dropna().to_numpy()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moelens.analysis.stats import literal
+from moelens.widgets._observable import Observable
 from moelens.widgets.tokens import token_pieces
 
 if TYPE_CHECKING:
@@ -124,10 +125,7 @@ class _Prompt:
     by_position: Mapping[int, Token]
 
 
-Observer = Callable[["RoutingExplorerState"], None]
-
-
-class RoutingExplorerState:
+class RoutingExplorerState(Observable):
     """Which prompt and MoE layer are shown, and everything the explorer draws for them.
 
     Args:
@@ -163,15 +161,9 @@ class RoutingExplorerState:
             raise ValueError(f"nothing to explore: {where}")
         self.prompt_ids: list[Any] = ids
         self._cache: dict[tuple[int, Any], _Prompt] = {}
-        self._observers: list[Observer] = []
+        Observable.__init__(self)
         self._prompt_id = self._checked_prompt(ids[0] if prompt_id is None else prompt_id)
         self._layer = self._checked_layer(self.layers[0] if layer is None else layer)
-
-    # --- observing ------------------------------------------------------------------------------
-    def observe(self, observer: Observer) -> Callable[[], None]:
-        """Call ``observer(state)`` after every change of the selection; returns a function that stops the calls."""
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer) if observer in self._observers else None
 
     # --- selection ------------------------------------------------------------------------------
     @property
@@ -191,8 +183,7 @@ class RoutingExplorerState:
         new_layer = self._layer if layer is None else self._checked_layer(layer)
         if (new_prompt, new_layer) != (self._prompt_id, self._layer):
             self._prompt_id, self._layer = new_prompt, new_layer
-            for observer in list(self._observers):
-                observer(self)
+            self._notify()
 
     def _checked_prompt(self, prompt_id: Any) -> Any:
         for known in self.prompt_ids:

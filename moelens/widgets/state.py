@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.hooks.adapters import input_device
+from moelens.widgets._observable import Observable
 from moelens.interventions.spec import Disable, Force, Intervention, Reweight, SpecError, disable, force, reweight
 
 if TYPE_CHECKING:
@@ -236,10 +237,7 @@ def decoded_pieces(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, ...]:
     return tuple(decoder.pieces)
 
 
-Observer = Callable[["ExpertGridState"], None]
-
-
-class ExpertGridState:
+class ExpertGridState(Observable):
     """Per (layer, expert) a mode among :data:`MODES` (default ``"on"``) plus shared :class:`Options`.
 
     Every change (``set``, ``toggle``, ``mark``, ``clear``, ``configure``, ``apply_spec``) can be
@@ -254,19 +252,9 @@ class ExpertGridState:
         self._modes: dict[tuple[int, int], Mode] = {}  # only cells that are not "on"
         self._options = _checked(options)
         self._history: list[_Snapshot] = []
-        self._observers: list[Observer] = []
+        Observable.__init__(self)
         self._selection: tuple[tuple[int, int], ...] = ()
         self._shading: CellScores | None = None
-
-    # --- observing ------------------------------------------------------------------------------
-    def observe(self, observer: Observer) -> Callable[[], None]:
-        """Call ``observer(state)`` after every change; returns a function that stops the calls."""
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer) if observer in self._observers else None
-
-    def _notify(self) -> None:
-        for observer in list(self._observers):
-            observer(self)
 
     @classmethod
     def from_model(cls, model: nn.Module, options: Options = Options()) -> ExpertGridState:

@@ -86,6 +86,7 @@ class ExpertGrid(widgets.VBox):
         self._run_message = ""
         self._drawing = False  # option widgets set while drawing must not feed back into the state
         self._lock = threading.RLock()  # the worker's last render and a click's change take turns
+        self._card_shown: tuple[int, int] | None = None  # the cell whose card card_view holds
         self._stop_observing: Callable[[], None] = lambda: None
 
         self.mode = widgets.ToggleButtons(options=[*MODES, SELECT], value="disabled", description="brush")
@@ -243,8 +244,10 @@ class ExpertGrid(widgets.VBox):
             self._drawing = False
         self.legend.value = legend_html(shading)
         self.spec_view.value = spec_html(state)
-        if self.card is not None and state.selection:
-            self.card_view.value = self.card(*state.selection[-1])
+        shown = state.selection[-1] if state.selection else None
+        if self.card is not None and shown is not None and shown != self._card_shown:  # a card costs queries
+            self.card_view.value = self.card(*shown)
+        self._card_shown = shown
         problem = state.problem(self.model)
         busy = self.busy
         self.generate_button.disabled = problem is not None or busy
