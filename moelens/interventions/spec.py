@@ -230,7 +230,6 @@ class Keep(Part):
 
 
 FORMAT_VERSION = 2  # the JSON format Intervention.to_dict writes; a spec without "version" is version 1
-_LEGACY_FIELDS = {"disable": {"renormalize"}}  # read from version-1 specs only (see _legacy_mode)
 _KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Disable, Force, Reweight, LogitBias, TopP, Rank, TopK, Keep)}
 
 
@@ -275,7 +274,7 @@ class Intervention:
         items = data["interventions"]
         if version == 1:
             items = [_from_version_1(item, f"{where}, intervention {i}") for i, item in enumerate(items)]
-        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}", legacy=version == 1) for i, item in enumerate(items)))
+        return cls(tuple(_part_from_dict(item, f"{where}, intervention {i}") for i, item in enumerate(items)))
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "spec") -> Intervention:
@@ -305,6 +304,18 @@ def _from_version_1(item: Any, where: str) -> Any:
             f"{where}: a rank part with \"layers\" in a spec without \"version\" is ambiguous: add \"version\": "
             f"{FORMAT_VERSION} (rank r counts from 0, 0 = the router's first choice) or write \"only_layers\" (version 1, ranks from 1)"
         )
+    if kind == "disable" and "renormalize" in item:  # before modes were typed: "mode": "drop", "renormalize": true
+        mode, renormalize = item.get("mode", "reroute"), item.pop("renormalize")
+        if mode == "drop" and isinstance(renormalize, bool):
+            item["mode"] = {"kind": "drop", "renormalize": renormalize}
+        elif mode == "reroute" and renormalize is False:
+            item["mode"] = {"kind": "reroute"}
+        else:
+            raise SpecError(
+                f"{where}: disable: the old fields mode={mode!r}, renormalize={renormalize!r} do not describe a mode "
+                "(renormalize applies to dropping only); write \"mode\": {\"kind\": \"drop\", \"renormalize\": true} "
+                "or \"mode\": {\"kind\": \"reroute\"}"
+            )
     if kind == "prune":
         item["kind"] = "keep"
         if "keep" in item:
@@ -322,8 +333,8 @@ def _from_version_1(item: Any, where: str) -> Any:
     return item
 
 
-def _part_from_dict(item: Any, where: str, *, legacy: bool) -> Part:
-    """One part from its JSON form; ``legacy``: version 1, whose retired fields are still read."""
+def _part_from_dict(item: Any, where: str) -> Part:
+    """One part from its (version 2) JSON form."""
     if not isinstance(item, Mapping) or "kind" not in item:
         raise SpecError(f"{where}: each intervention is an object with a `kind` ({', '.join(_KINDS)})")
     kind = item["kind"]
@@ -333,7 +344,7 @@ def _part_from_dict(item: Any, where: str, *, legacy: bool) -> Part:
     constructor = _CONSTRUCTORS[kind]
     arguments = {k: v for k, v in item.items() if k != "kind"}
     current = {f.name for f in fields(_KINDS[kind])}
-    unknown = sorted(set(arguments) - current - (_LEGACY_FIELDS.get(kind, set()) if legacy else set()))
+    unknown = sorted(set(arguments) - current)
     if unknown:
         hint = "; version 2 calls \"only_layers\" \"layers\"" if "only_layers" in unknown else ""
         raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r}; fields: {', '.join(sorted(current))}{hint}")
@@ -463,7 +474,7 @@ def _from_fields(kind: str) -> Any:
     def build(**kw: Any) -> Intervention:
         tokens = kw.pop("tokens", "all")
         if kind == "disable":
-            return disable(kw.pop("experts", {}), mode=_legacy_mode(kw.pop("mode", "reroute"), kw), tokens=tokens, **kw)
+            return disable(kw.pop("experts", {}), mode=kw.pop("mode", "reroute"), tokens=tokens, **kw)
         if kind == "force":
             return force(kw.pop("experts", {}), tokens=tokens, **kw)
         if kind == "reweight":
@@ -481,23 +492,6 @@ def _from_fields(kind: str) -> Any:
         return keep(kw.pop("experts", {}), **kw)
 
     return build
-
-
-def _legacy_mode(mode: Any, fields_left: dict[str, Any]) -> Any:
-    """A disable part's mode from JSON. Before modes were typed a spec said ``"mode": "drop",
-    "renormalize": true``; that form loads as ``Drop(renormalize=True)``."""
-    if "renormalize" not in fields_left:
-        return mode
-    renormalize = fields_left.pop("renormalize")
-    if mode == "drop" and isinstance(renormalize, bool):
-        return Drop(renormalize=renormalize)
-    if mode == "reroute" and renormalize is False:
-        return Reroute()
-    raise SpecError(
-        f"disable: the old fields mode={mode!r}, renormalize={renormalize!r} do not describe a mode "
-        "(renormalize applies to dropping only); write \"mode\": {\"kind\": \"drop\", \"renormalize\": true} "
-        "or \"mode\": {\"kind\": \"reroute\"}"
-    )
 
 
 _CONSTRUCTORS = {kind: _from_fields(kind) for kind in _KINDS}
