@@ -293,7 +293,7 @@ def test_token_diff_marks_what_differs_on_each_side():
 
 
 def test_decoded_pieces_join_to_the_decoded_text_without_markers(shipped):
-    from moelens.widgets.state import decoded_pieces
+    from moelens.widgets.tokens import decoded_pieces
 
     _, tokenizer = shipped
     text = 'def f(x):\n    return "<b>" + x'

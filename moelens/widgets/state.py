@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from moelens.hooks.adapters import input_device
 from moelens.widgets._observable import Observable
+from moelens.widgets.tokens import PieceDecoder
 from moelens.interventions.spec import Disable, Force, Intervention, Reweight, SpecError, disable, force, reweight
 
 if TYPE_CHECKING:
@@ -204,37 +205,6 @@ def token_diff(baseline: Sequence[str], steered: Sequence[str]) -> tuple[list[tu
         [(piece, not same) for piece, same in zip(baseline, same_a)],
         [(piece, not same) for piece, same in zip(steered, same_b)],
     )
-
-
-class PieceDecoder:
-    """Turns token ids, added one at a time, into text pieces whose concatenation is
-    ``tokenizer.decode(ids, skip_special_tokens=True)``: piece i is what token i adds to the decoded
-    text, so byte-level markers (``Ġ``, ``Ċ``) never show and a character split over several tokens
-    lands on its last token."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.pieces: list[str] = []
-
-    def add(self, token_id: int) -> str:
-        """Append a token; returns its piece."""
-        self.token_ids.append(int(token_id))
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if not text.startswith(self.text):  # a tokenizer that rewrites earlier text (clean-up of spaces)
-            text = self.text + self.tokenizer.decode(self.token_ids[-1:], skip_special_tokens=True)
-        piece, self.text = text[len(self.text) :], text
-        self.pieces.append(piece)
-        return piece
-
-
-def decoded_pieces(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, ...]:
-    """``token_ids`` as text pieces (see :class:`PieceDecoder`)."""
-    decoder = PieceDecoder(tokenizer)
-    for token_id in token_ids:
-        decoder.add(token_id)
-    return tuple(decoder.pieces)
 
 
 class ExpertGridState(Observable):

@@ -6,7 +6,7 @@ several bytes over several tokens), SentencePiece ones write a space as ``▁`` 
 ``<0x0A>``. :func:`token_pieces` turns a run of tokens into pieces whose concatenation is the text:
 
 * with a tokenizer, piece i is what token i adds to ``tokenizer.decode`` of the run (see
-  :class:`moelens.widgets.state.PieceDecoder`), so the tokenizer's own rules apply;
+  :class:`PieceDecoder`), so the tokenizer's own rules apply;
 * without one, the vocabulary strings are mapped back to bytes (byte-level BPE, or SentencePiece
   when a token of the run has ``▁`` or a ``<0xHH>`` byte token) and decoded as UTF-8.
 
@@ -43,6 +43,37 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_alphabet()
 
 
+class PieceDecoder:
+    """Turns token ids, added one at a time, into text pieces whose concatenation is
+    ``tokenizer.decode(ids, skip_special_tokens=True)``: piece i is what token i adds to the decoded
+    text, so byte-level markers (``Ġ``, ``Ċ``) never show and a character split over several tokens
+    lands on its last token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.pieces: list[str] = []
+
+    def add(self, token_id: int) -> str:
+        """Append a token; returns its piece."""
+        self.token_ids.append(int(token_id))
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if not text.startswith(self.text):  # a tokenizer that rewrites earlier text (clean-up of spaces)
+            text = self.text + self.tokenizer.decode(self.token_ids[-1:], skip_special_tokens=True)
+        piece, self.text = text[len(self.text) :], text
+        self.pieces.append(piece)
+        return piece
+
+
+def decoded_pieces(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, ...]:
+    """``token_ids`` as text pieces (see :class:`PieceDecoder`)."""
+    decoder = PieceDecoder(tokenizer)
+    for token_id in token_ids:
+        decoder.add(token_id)
+    return tuple(decoder.pieces)
+
+
 def token_pieces(
     token_ids: Sequence[int],
     tokens: Sequence[str | None],
@@ -61,8 +92,6 @@ def token_pieces(
     if len(token_ids) != len(tokens):
         raise ValueError(f"{len(token_ids)} token ids but {len(tokens)} token strings: give one string (or None) per id")
     if tokenizer is not None:
-        from moelens.widgets.state import decoded_pieces
-
         special = set(tokenizer.all_special_ids)
         names = tokenizer.convert_ids_to_tokens([int(i) for i in token_ids])
         pieces = decoded_pieces(tokenizer, [int(i) for i in token_ids])
