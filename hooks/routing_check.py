@@ -40,6 +40,7 @@ from moelens.hooks.adapters import (
     moe_view,
     router_logits,
 )
+from moelens.hooks.sites import sites_of
 
 if TYPE_CHECKING:
     import torch
@@ -199,8 +200,8 @@ def _tokens(observed: list[_Observed]) -> int:
 
 def _observe(model: nn.Module) -> list[_Observed]:
     """Run every MoE block on seeded random hidden rows and record its router's logits and the
-    routing its experts received. The blocks are called directly (not the model), so hooks on the
-    decoder stack, such as an active tracer's, see no forward pass."""
+    routing its experts received, while the model's sites are probing: an active tracer records
+    nothing of it and an active intervention does not steer it."""
     import torch
 
     view = moe_view(model)
@@ -230,7 +231,7 @@ def _observe(model: nn.Module) -> list[_Observed]:
             handles.append(layer.router.register_forward_hook(on_router(layer)))
             if not layer.dense_scores:
                 handles.append(layer.experts.register_forward_pre_hook(on_experts(layer), with_kwargs=True))
-        with torch.no_grad():
+        with torch.no_grad(), sites_of(model).probing():
             try:
                 for layer in view.layers:
                     layer.block(rows.to(_device(layer), _dtype(layer)))
@@ -270,21 +271,14 @@ def _observe(model: nn.Module) -> list[_Observed]:
     return observed
 
 
-PROBING = False  # True during a whole-model probe forward pass: tracers record nothing
-
-
 def _forward_probe(model: nn.Module) -> None:
-    """One forward pass of ``model`` on seeded random token ids (tracers skip it: :data:`PROBING`)."""
+    """One forward pass of ``model`` on seeded random token ids (run by :func:`_observe` while
+    the model's sites are probing: unseen by tracers, unsteered)."""
     import torch
 
-    global PROBING
     vocab = int(model.get_input_embeddings().num_embeddings)
     ids = torch.randint(0, vocab, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0)).to(input_device(model))
-    PROBING = True
-    try:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        PROBING = False
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
 def _device(layer: MoeLayer) -> torch.device:

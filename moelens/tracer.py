@@ -2,16 +2,16 @@
 
 ``with moelens.trace(model) as tr: model(**batch)`` (or ``model.generate(...)``) records, for
 every real (non-padding) token and every MoE layer, the experts the router chose and the weights
-the model used, read from what the experts module received (never re-derived). Observation sites:
+the model used, read from what the experts module received (never re-derived). A tracer is an
+observer of the model's :mod:`observation sites <moelens.hooks.sites>`, which own the hooks:
 
-* a forward pre-hook and hook on the decoder stack (the module owning ``layers``): one *step*
-  per forward call, carrying the token bookkeeping (which rows are padding, positions, whether
-  the tokens are generated);
-* a forward pre-hook on each MoE layer's experts module: the ``top_k_index`` and
-  ``top_k_weights`` it is called with, i.e. the routing the model used, after everything the
-  family's block did to the router's output (exact for every family, whatever its router returns);
-* a forward hook on each MoE layer's router: its logits (for ``full_logits`` and the NaN check),
-  and the routing itself where the experts take none (Llama 4's dense score matrix).
+* the decoder stack: one *step* per forward call, carrying the token bookkeeping (which rows are
+  padding, positions, whether the tokens are generated);
+* each MoE layer's experts module: the ``top_k_index`` and ``top_k_weights`` it is called with,
+  i.e. the routing the model used, after everything the family's block (and any active
+  intervention) did to the router's output: exact for every family, whatever its router returns.
+  Where the experts take none (Llama 4), the router's dense score matrix;
+* each MoE layer's router: its logits (for ``full_logits``, rank keys and the NaN check).
 
 At the end of every step its routing is condensed on the device (indices, weights, rank keys, a
 NaN flag per layer; the full logits only with ``full_logits``) and the router logits are let go.
@@ -32,12 +32,14 @@ and returns the finished trace, its ``prompts`` table carrying the prompts' tags
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moelens.errors import TraceError
 from moelens.hooks import routing_check
-from moelens.hooks.adapters import MoeLayer, dense_routing, experts_routing, moe_layers, moe_view, router_logits
+from moelens.hooks.adapters import MoeLayer, moe_layers, moe_view
+from moelens.hooks.sites import RoutingObserver, sites_of
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, Trace, special_token_ids_of, widen_half_floats
 
@@ -62,8 +64,8 @@ class _Step:
 
     prompt_ids: list[Any]  # one per batch row
     tokens: StepTokens
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T, E] router logits
-    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (index, weights) [T, k]
+    # layer -> (router logits [T, E], experts' index [T, k], weights [T, k])
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +87,7 @@ class _Session:
     ended: torch.Tensor | None = None  # [B] bool on the model's device: rows whose end token was fed
 
 
-class Tracer(Trace):
+class Tracer(Trace, RoutingObserver):
     """Context manager recording routing decisions: an in-memory :class:`~moelens.store.Trace`;
     see :func:`moelens.trace`.
 
@@ -126,7 +128,6 @@ class Tracer(Trace):
         # the index of an empty slot in the condensed steps (the tables leave it out)
         self._empty_slot = max(layer.num_experts for layer in self._moe_layers)
         self._ranking = _ranking(model, self._moe_layers)
-        self._stack = moe_view(model).stack
         self._records = list(records) if records is not None else None
         self._prompt_ids: Iterator[Any] | None = iter(prompt_ids) if prompt_ids is not None else None
         self._next_prompt_index = 0
@@ -137,33 +138,28 @@ class Tracer(Trace):
         self._on_device = 0  # index of the oldest recorded step whose tensors are still on the device
         self._session: _Session | None = None
         self._current: _Step | None = None
-        self._handles: list[Any] = []
+        self._observation: AbstractContextManager[None] | None = None  # attached to the model's sites
         self._tables: dict[str, pa.Table] | None = None
         self._connection: duckdb.DuckDBPyConnection | None = None
 
     # --- context manager -------------------------------------------------------------------
     def __enter__(self) -> Tracer:
-        if self._handles:
+        if self._observation is not None:
             raise TraceError("this tracer is already active; nested `with` on the same tracer is not supported")
         if self._finished:
             raise TraceError(
                 "this trace has finished recording (its `with` block ended, or trace() ran the prompts it was given); "
                 "read it as it is, or call moelens.trace(model) again for a new `with` block"
             )
-        try:
-            self._handles.append(self._stack.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-            self._handles.append(self._stack.register_forward_hook(self._end_step, always_call=True))
-            for layer in self._moe_layers:
-                self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
-                if not layer.dense_scores:
-                    self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True))
-        except BaseException:
-            self._remove_hooks()
-            raise
+        observation = sites_of(self.model).observing(self)
+        observation.__enter__()
+        self._observation = observation
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._remove_hooks()
+        observation, self._observation, self._current = self._observation, None, None
+        if observation is not None:
+            observation.__exit__(None, None, None)
         if exc_type is not None:
             return
         if not self._steps:
@@ -173,16 +169,8 @@ class Tracer(Trace):
             )
         self._finish()
 
-    def _remove_hooks(self) -> None:
-        handles, self._handles, self._current = self._handles, [], None
-        for handle in handles:
-            handle.remove()
-
-    # --- hooks -------------------------------------------------------------------------------
-    def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if routing_check.PROBING:  # moelens' own routing check, not the user's forward pass
-            return
-        tokens = StepTokens.from_call(args, kwargs)
+    # --- observer ----------------------------------------------------------------------------
+    def begin_step(self, tokens: StepTokens) -> None:
         batch = tokens.real.shape[0]
         if not tokens.generated or self._session is None or self._session.batch_size != batch:
             self._session = _Session([self._take_prompt_id() for _ in range(batch)], batch)
@@ -202,39 +190,17 @@ class Tracer(Trace):
         except StopIteration:
             raise TraceError("the traced model saw more prompts than the prompt_ids given to trace()") from None
 
-    def _router_hook(self, layer: MoeLayer) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            step = self._current
-            if step is None:  # the router ran outside the decoder stack's forward
-                return
-            step.logits[layer.index] = router_logits(output, layer).detach()
-            if layer.dense_scores:  # the routing is in the router's output (Llama 4)
-                index, weights = dense_routing(output, layer)
-                step.routing[layer.index] = (index.detach(), weights.detach())
+    def routed(self, layer: MoeLayer, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        step = self._current
+        if step is None:  # the layer ran outside the decoder stack's forward (a block called directly)
+            return
+        step.routing[layer.index] = (logits.detach(), index.detach(), weights.detach())
 
-        return record
-
-    def _experts_hook(self, layer: MoeLayer) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            step = self._current
-            if step is None:
-                return
-            routing = experts_routing(args, kwargs)
-            if routing is None:
-                raise TraceError(
-                    f"layer {layer.index}: {type(module).__name__} was called without (top_k_index, top_k_weights); "
-                    "moelens reads the routing from those arguments"
-                )
-            index, weights = routing
-            step.routing[layer.index] = (index.detach(), weights.detach())
-
-        return record
-
-    def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
+    def end_step(self) -> None:
         step, self._current = self._current, None
         if step is None:
             return
-        missing = [i for i in self._layer_ids if i not in step.routing or i not in step.logits]
+        missing = [i for i in self._layer_ids if i not in step.routing]
         if missing:
             raise TraceError(
                 f"the routers or experts of MoE layers {missing} did not fire during a forward pass of "
@@ -263,7 +229,7 @@ class Tracer(Trace):
             return t if t.device == home else t.to(home, non_blocking=True)
 
         # per layer: (logits, weights as float32, indices)
-        outs = [(here(step.logits[i]), here(step.routing[i][1]).float(), here(step.routing[i][0])) for i in layer_ids]
+        outs = [(here(logits), here(weights).float(), here(index)) for logits, index, weights in (step.routing[i] for i in layer_ids)]
         # an intervention may give some layers fewer slots (top_k or rank on chosen layers): pad them
         # with empty slots (index E, weight 0, ranked last), which the tables leave out
         slots = max(o[2].shape[-1] for o in outs)
@@ -297,9 +263,9 @@ class Tracer(Trace):
         on first access, by :meth:`arrow`)."""
         import torch
 
-        for step in self._steps:
-            if _on_accelerator(step.tensors["real"]):  # a step's tensors share its device; CPU steps are home already
-                step.tensors = {k: v.to("cpu", non_blocking=True) for k, v in step.tensors.items()}
+        for step in self._steps[self._on_device :]:
+            self._move_to_host(step)
+        self._on_device = len(self._steps)
         for device in self._cuda_devices:
             torch.cuda.synchronize(device)  # every device copies came from (budget moves too), not only the current one
         nan = torch.stack([step.tensors["nan"] for step in self._steps]).any(dim=0)  # [L]

@@ -4,36 +4,26 @@ Binding checks the spec against the model (layers, experts, top-k) and compiles 
 parts into the per-layer vectors of :class:`moelens.kernels.routing.RoutingControls`, under the
 model's routing rule as inferred and verified by :mod:`moelens.hooks.routing_check`. Each model
 has one intervention session: whatever the number of nested ``intervene`` blocks, it binds the
-union of the active specs and, per affected MoE layer, registers ONE hook pair: the router's
-forward hook keeps its logits, and a forward pre-hook on the experts module (prepended, so any
-tracer sees the routing the model actually used) replaces the ``top_k_index`` / ``top_k_weights``
-the experts receive by :func:`moelens.kernels.routing.route` of those logits. Where the experts
-take no routing (Llama 4), one router hook replaces the dense score matrix the router returns. A hook that
-re-routed on its own would discard what an outer block's hook did. No parameter or module is
-modified: leaving the last block removes the hooks, and the model is bitwise what it was, also
-when the body raised.
+union of the active specs and is the one *rewriter* of the model's observation sites
+(:mod:`moelens.hooks.sites`): per affected MoE layer, the ``top_k_index`` / ``top_k_weights`` the
+experts receive are replaced by :func:`moelens.kernels.routing.route` of the router's logits
+(where the experts take no routing, Llama 4, the dense score matrix the router returns), before
+any tracer reads them. A rewrite per block would discard what an outer block's did. No parameter
+or module is modified: leaving the last block removes the hooks, and the model is bitwise what it
+was, also when the body raised.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import (
-    MoeLayer,
-    alive,
-    correction_bias_of,
-    expert_scale_of,
-    experts_routing,
-    moe_view,
-    router_logits,
-    with_dense_routing,
-    with_experts_routing,
-)
+from moelens.hooks.adapters import MoeLayer, alive, correction_bias_of, expert_scale_of, moe_view
 from moelens.hooks.routing_check import RouterReading, RoutingCheck, routing_check, scaled_by_expert
+from moelens.hooks.sites import sites_of
 from moelens.hooks.steps import StepTokens
 from moelens.interventions.spec import (
     Disable,
@@ -407,16 +397,32 @@ def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_exp
     return F.pad(weights, (0, extra), value=0.0), F.pad(indices, (0, extra), value=num_experts)
 
 
+@dataclass(frozen=True)
+class _Rerouting:
+    """The compiled plans of the active specs: the model sites' rewriter (:class:`moelens.hooks.sites.Rewriter`)."""
+
+    plans: dict[int, _LayerPlan]  # MoE layer index -> its plan
+
+    @property
+    def layers(self) -> frozenset[int]:
+        return frozenset(self.plans)
+
+    @property
+    def needs_steps(self) -> bool:
+        return any(plan.needs_steps for plan in self.plans.values())
+
+    def reroute(self, layer: MoeLayer, logits: torch.Tensor, tokens: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return reroute(self.plans[layer.index], logits, tokens)
+
+
 class _Session:
-    """The interventions active on one model: one router hook per affected router, whatever the
-    number of nested ``intervene`` blocks. Each block entering or leaving rebinds the union of the
-    active specs and swaps the hooks."""
+    """The interventions active on one model, whatever the number of nested ``intervene`` blocks.
+    Each block entering or leaving rebinds the union of the active specs and hands the model's
+    sites the new rewriter."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)  # weak: the session is the value of a dict keyed weakly on the model
         self.entries: list[_Entry] = []
-        self._handles: list[Any] = []
-        self._step: dict[str, StepTokens | None] = {"step": None}
 
     @property
     def model(self) -> nn.Module:
@@ -432,31 +438,7 @@ class _Session:
         self._install(_bind(self.model, self.entries) if self.entries else [])
 
     def _install(self, plans: list[_LayerPlan]) -> None:
-        self._remove_hooks()
-        try:
-            if any(plan.needs_steps for plan in plans):
-                def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                    self._step["step"] = StepTokens.from_call(args, kwargs)
-
-                self._handles.append(moe_view(self.model).stack.register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
-            for plan in plans:
-                # prepended: a tracer's hook on the same module sees the routing the model used
-                if plan.layer.dense_scores:
-                    self._handles.append(plan.layer.router.register_forward_hook(_rescore_hook(plan, self._step), prepend=True))
-                    continue
-                logits: dict[str, torch.Tensor] = {}
-                self._handles.append(plan.layer.router.register_forward_hook(_keep_logits(plan.layer, logits)))
-                self._handles.append(
-                    plan.layer.experts.register_forward_pre_hook(_reroute_hook(plan, logits, self._step), with_kwargs=True, prepend=True)
-                )
-        except BaseException:
-            self._remove_hooks()
-            raise
-
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        sites_of(self.model).rewrite(_Rerouting({plan.layer.index: plan for plan in plans}) if plans else None)
 
 
 _SESSIONS: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
@@ -487,37 +469,6 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
         yield spec
     finally:
         session.pop(entry)
-
-
-def _keep_logits(layer: MoeLayer, kept: dict[str, torch.Tensor]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        kept["logits"] = router_logits(output, layer)
-
-    return hook
-
-
-def _reroute_hook(plan: _LayerPlan, kept: dict[str, torch.Tensor], current: dict[str, StepTokens | None]) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        routing = experts_routing(args, kwargs)
-        logits = kept.pop("logits", None)
-        if routing is None or logits is None:
-            raise RuntimeError(f"layer {plan.layer.index}: the experts ran without their router's logits or routing arguments")
-        weights = routing[1]
-        new_weights, new_indices = reroute(plan, logits, current["step"])
-        return with_experts_routing(args, kwargs, new_indices, new_weights.to(weights.dtype))
-
-    return hook
-
-
-def _rescore_hook(plan: _LayerPlan, current: dict[str, StepTokens | None]) -> Callable[..., Any]:
-    """Dense-score routers (Llama 4): replace the score matrix the block applies to the experts."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        logits = router_logits(output, plan.layer)
-        weights, indices = reroute(plan, logits, current["step"])
-        return with_dense_routing(output, indices, weights)
-
-    return hook
 
 
 def fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

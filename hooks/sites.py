@@ -1,0 +1,257 @@
+"""The observation sites: the one owner of moelens' hooks on a model's decoder stack, routers and experts.
+
+Every MoE layer has two sites, found by :func:`moelens.hooks.adapters.moe_view`: its *router* (whose
+output carries the logits) and its *experts* module (whose forward receives ``top_k_index`` and
+``top_k_weights``, the routing the model uses). The decoder stack is a third site: one forward call
+of it is a *step*, whose token bookkeeping (:class:`~moelens.hooks.steps.StepTokens`) is read once
+here and shared.
+
+Two kinds of clients attach to a model's :class:`RoutingSites` (:func:`sites_of`, one per model):
+
+* **observers** (:class:`RoutingObserver`, any number: tracers) are told when a step begins, the
+  routing every MoE layer used in it, and when it ends;
+* one **rewriter** (:class:`Rewriter`: the intervention session, which folds every nested
+  ``intervene`` block into one) replaces the routing of the layers it steers.
+
+The order is fixed here, so that observers record what the experts really received: the rewrite
+runs first (its hooks are prepended to the module's), observers are told after it (their hook
+is appended). Where the experts take no routing (Llama 4's dense scores), the same order holds on
+the router's output. Hooks exist only while a client is attached, on the layers that need them,
+and are removed when the last one leaves: a model with nothing attached carries no moelens hook.
+
+During :meth:`RoutingSites.probing` (moelens' own forward pass, e.g. the routing check), steps are
+not reported and nothing is rewritten: clients see only the user's forward calls.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from moelens.errors import UnsupportedModelError
+from moelens.hooks.adapters import (
+    MoeLayer,
+    alive,
+    dense_routing,
+    experts_routing,
+    moe_view,
+    router_logits,
+    with_dense_routing,
+    with_experts_routing,
+)
+from moelens.hooks.steps import StepTokens
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class RoutingObserver:
+    """What an observer is told; each method does nothing unless overridden."""
+
+    def begin_step(self, tokens: StepTokens) -> None:
+        """A forward call of the decoder stack begins with these tokens."""
+
+    def routed(self, layer: MoeLayer, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """``layer``'s router returned ``logits`` [T, E'] (E' >= E: some routers score a null
+        expert), and its experts received ``index`` / ``weights`` [T, k] (after any rewrite).
+        Also called for layers run outside a step (a block called directly)."""
+
+    def end_step(self) -> None:
+        """The forward call of the decoder stack ended (also when it raised)."""
+
+
+class Rewriter(Protocol):
+    """Replaces the routing of some MoE layers (the intervention session)."""
+
+    @property
+    def layers(self) -> frozenset[int]:
+        """The MoE layer indices whose routing it replaces."""
+        ...
+
+    @property
+    def needs_steps(self) -> bool:
+        """Whether :meth:`reroute` needs the step's tokens (token- or row-scoped interventions)."""
+        ...
+
+    def reroute(self, layer: MoeLayer, logits: torch.Tensor, tokens: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, indices) [T, K] for the router's ``logits`` [T, E']; ``tokens`` is the
+        current step's (``None`` outside a step, or when :attr:`needs_steps` is False)."""
+        ...
+
+
+class RoutingSites:
+    """The hooks moelens holds on one model (see the module docstring); get it with :func:`sites_of`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)  # weak: the sites are the value of a dict keyed weakly on the model
+        self._observers: list[RoutingObserver] = []
+        self._rewriter: Rewriter | None = None
+        self._handles: list[Any] = []
+        self._tokens: StepTokens | None = None  # the current step's, while the stack's forward runs
+        self._logits: dict[int, torch.Tensor] = {}  # layer -> the router's last logits, until its experts run
+        self._probing = False
+
+    @property
+    def model(self) -> nn.Module:
+        return alive(self._model)
+
+    @contextmanager
+    def observing(self, observer: RoutingObserver) -> Iterator[None]:
+        """Tell ``observer`` about every step while the block runs."""
+        if any(o is observer for o in self._observers):
+            raise ValueError("this observer is already attached to the model")
+        self._observers.append(observer)
+        try:
+            self._reinstall()
+            yield
+        finally:
+            self._observers = [o for o in self._observers if o is not observer]
+            self._reinstall()
+
+    def rewrite(self, rewriter: Rewriter | None) -> None:
+        """Make ``rewriter`` the model's one rewriter (``None``: rewrite nothing)."""
+        self._rewriter = rewriter
+        self._reinstall()
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """A forward pass of moelens' own: no step is reported and nothing is rewritten."""
+        self._probing = True
+        try:
+            yield
+        finally:
+            self._probing = False
+
+    # --- installation ----------------------------------------------------------------------
+    def _reinstall(self) -> None:
+        self._remove_hooks()
+        rewriter, observers = self._rewriter, bool(self._observers)
+        rewritten = rewriter.layers if rewriter is not None else frozenset()
+        if not observers and not rewritten:
+            return
+        view = moe_view(self.model)
+        try:
+            if observers or (rewriter is not None and rewriter.needs_steps):
+                # prepended: a rewrite reads the tokens before any other pre-hook of the stack runs
+                self._hook(view.stack.register_forward_pre_hook(self._begin_step, with_kwargs=True, prepend=True))
+                self._hook(view.stack.register_forward_hook(self._end_step, always_call=True))
+            for layer in view.layers:
+                steered = layer.index in rewritten
+                if layer.dense_scores:  # the routing is in the router's output
+                    if steered:
+                        self._hook(layer.router.register_forward_hook(self._rescore_hook(layer), prepend=True))
+                    if observers:
+                        self._hook(layer.router.register_forward_hook(self._dense_observer(layer)))
+                    continue
+                if steered or observers:
+                    self._hook(layer.router.register_forward_hook(self._logits_keeper(layer)))
+                if steered:
+                    self._hook(layer.experts.register_forward_pre_hook(self._reroute_hook(layer), with_kwargs=True, prepend=True))
+                if observers:
+                    self._hook(layer.experts.register_forward_pre_hook(self._experts_observer(layer), with_kwargs=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+
+    def _hook(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        self._tokens, self._logits = None, {}
+        for handle in handles:
+            handle.remove()
+
+    # --- the stack: one step per forward call ------------------------------------------------
+    def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._probing:
+            return
+        self._tokens = StepTokens.from_call(args, kwargs)
+        for observer in list(self._observers):
+            observer.begin_step(self._tokens)
+
+    def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._probing or self._tokens is None:
+            return
+        self._tokens = None
+        for observer in list(self._observers):
+            observer.end_step()
+
+    # --- routers and experts ----------------------------------------------------------------
+    def _report(self, layer: MoeLayer, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        for observer in list(self._observers):
+            observer.routed(layer, logits, index, weights)
+
+    def _logits_keeper(self, layer: MoeLayer) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._logits[layer.index] = router_logits(output, layer)
+
+        return hook
+
+    def _routing(
+        self, layer: MoeLayer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, consume: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the router's logits, top_k_index, top_k_weights) at an experts module's call. The last
+        hook to read the logits ``consume``s them: a router that did not run before the next
+        call of its experts is then an error, not a stale read."""
+        routing = experts_routing(args, kwargs)
+        if routing is None:
+            raise UnsupportedModelError(
+                f"layer {layer.index}: {type(module).__name__} was called without (top_k_index, top_k_weights); "
+                "moelens reads (and replaces) the routing from those arguments"
+            )
+        logits = self._logits.pop(layer.index, None) if consume else self._logits.get(layer.index)
+        if logits is None:
+            raise UnsupportedModelError(
+                f"layer {layer.index}: the experts ran but the router {type(layer.router).__name__} did not; the block's "
+                "forward was probably replaced (a hub kernel): load the model with use_kernels=False"
+            )
+        return logits, *routing
+
+    def _reroute_hook(self, layer: MoeLayer) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self._probing or self._rewriter is None:
+                return None
+            logits, _, weights = self._routing(layer, module, args, kwargs, consume=not self._observers)
+            new_weights, new_index = self._rewriter.reroute(layer, logits, self._tokens)
+            return with_experts_routing(args, kwargs, new_index, new_weights.to(weights.dtype))
+
+        return hook
+
+    def _experts_observer(self, layer: MoeLayer) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            logits, index, weights = self._routing(layer, module, args, kwargs, consume=True)
+            self._report(layer, logits, index, weights)
+
+        return hook
+
+    def _rescore_hook(self, layer: MoeLayer) -> Callable[..., Any]:
+        """Dense-score routers (Llama 4): replace the score matrix the block applies to the experts."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._probing or self._rewriter is None:
+                return None
+            weights, index = self._rewriter.reroute(layer, router_logits(output, layer), self._tokens)
+            return with_dense_routing(output, index, weights)
+
+        return hook
+
+    def _dense_observer(self, layer: MoeLayer) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._report(layer, router_logits(output, layer), *dense_routing(output, layer))
+
+        return hook
+
+
+_SITES: weakref.WeakKeyDictionary[Any, RoutingSites] = weakref.WeakKeyDictionary()
+
+
+def sites_of(model: nn.Module) -> RoutingSites:
+    """The observation sites of ``model`` (one per model object, created on first use)."""
+    sites = _SITES.get(model)
+    if sites is None:
+        sites = _SITES[model] = RoutingSites(model)
+    return sites
