@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 import moelens
 from moelens.hooks.adapters import moe_layers
-from moelens.interventions import Intervention, SpecError, active_intervention, disable, intervene, rank, reweight, top_p
+from moelens.interventions import Intervention, SpecError, active_intervention, disable, intervene, rank, reweight, top_k, top_p
 from moelens.interventions.contrast import generate_contrast
 from tests.conftest import PROMPTS
 from tests.test_interventions import KERNEL_FAMILIES, _by_expert, _expert_inputs
@@ -121,6 +122,30 @@ def test_a_row_scoped_block_inside_an_all_rows_block(family):
     for row, alone in ((0, _received(model, one, outer + inner)), (1, _received(model, one, outer))):
         assert torch.equal(indices[row * tokens : (row + 1) * tokens], alone[layer][0]), row
         torch.testing.assert_close(weights[row * tokens : (row + 1) * tokens], alone[layer][1])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_three_row_ranges_with_different_slot_counts(family):
+    """One batch, three treatments: row 0 the family's routing, row 1 ``top_k(1)`` (fewer slots),
+    row 2 a disable. Each row routes, and computes, as it does alone under its own spec."""
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    one = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    three = {name: tensor.repeat(3, 1) for name, tensor in one.items()}
+    layer, e, _ = _two_experts(model, one)
+    specs = [Intervention(), top_k(1), disable({layer: [e]})]
+    with torch.no_grad(), intervene(model, specs[1], rows=slice(1, 2)), intervene(model, specs[2], rows=slice(2, None)):
+        with moelens.trace(model) as together:
+            logits = model(**three).logits
+    columns = ["position", "layer", "rank", "expert", "weight"]
+    for row, spec in enumerate(specs):
+        with torch.no_grad(), intervene(model, spec), moelens.trace(model) as alone:
+            expected = model(**one).logits
+        want = alone.routes[columns].reset_index(drop=True)
+        assert len(want) > 0
+        got = together.routes.query("prompt_id == @row")[columns].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits[row], expected[0], rtol=1e-4, atol=1e-5)
+    assert together.routes.query("prompt_id == 1")["rank"].max() == 0
 
 
 def test_a_token_in_two_scopes_gets_both_parts():

@@ -375,6 +375,32 @@ def _routed(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> 
         weights, indices = route(logits, variant.rule, correction_bias=bias, controls=variant.controls)
         return scaled_by_expert(weights, indices, placed.expert_scale), indices
     assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
+    segments = _row_segments(plan.groups, step)
+    if segments is not None:  # every token routed once, under the controls of its row segment
+        variants = {variant.members: variant for variant in placed.variants}
+        batch, tokens_per_row = step.real.shape
+        if logits.shape[0] != batch * tokens_per_row:
+            raise RuntimeError(
+                f"layer {plan.layer.index}: the router scored {logits.shape[0]} tokens in a step of {batch} x {tokens_per_row}; "
+                "a token- or row-scoped intervention needs one router row per token of the step"
+            )
+        parts = []
+        for start, stop, members in segments:
+            rows = logits[start * tokens_per_row : stop * tokens_per_row]  # [rows x S, E], a view
+            variant = variants.get(members)
+            parts.append(
+                route(rows, variant.rule, correction_bias=bias, controls=variant.controls)
+                if variant is not None
+                else route(rows, plan.rule, correction_bias=bias)  # in no group: the family's routing
+            )
+        if len(parts) == 1:
+            weights, indices = parts[0]
+        else:  # segments may hold different slot counts (top_k, top_p): pad with empty slots
+            width = max(w.shape[-1] for w, _ in parts)
+            padded = [_pad_slots(w, i, width, plan.layer.num_experts) for w, i in parts]
+            weights, indices = torch.cat([w for w, _ in padded]), torch.cat([i for _, i in padded])
+        return scaled_by_expert(weights, indices, placed.expert_scale), indices
+    # explicit positions: which tokens a group covers is known on the device only
     in_group = torch.stack([_group_mask(group, step) for group in plan.groups]).to(logits.device)  # [G, T]
     weights, indices = route(logits, plan.rule, correction_bias=bias)  # the family's routing, for tokens in no group
     for variant in placed.variants:
@@ -387,6 +413,34 @@ def _routed(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> 
         w, i = _pad_slots(w, i, width, plan.layer.num_experts)
         weights, indices = torch.where(mask[:, None], w, weights), torch.where(mask[:, None], i, indices)
     return scaled_by_expert(weights, indices, placed.expert_scale), indices
+
+
+def _row_segments(groups: tuple[_Group, ...], step: StepTokens) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """The step's batch cut into row ranges [start, stop) in which each group covers every token
+    or none, with the groups covering them (adjacent ranges with the same groups merged); ``None``
+    when a group covers explicit positions. Known on the host: scopes by prompt or generated
+    tokens cover whole steps, row ranges whole rows."""
+    if any(isinstance(group.scope, tuple) for group in groups):
+        return None
+    batch = step.real.shape[0]
+
+    def bound(row: int | None) -> int:
+        return batch if row is None else min(row, batch)
+
+    cuts = sorted({0, batch, *(bound(row) for group in groups if group.rows is not None for row in group.rows)})
+    segments: list[tuple[int, int, tuple[int, ...]]] = []
+    for start, stop in zip(cuts, cuts[1:]):
+        members = tuple(
+            i
+            for i, group in enumerate(groups)
+            if group.scope in ("all", "generated" if step.generated else "prompt")
+            and (group.rows is None or group.rows[0] <= start < bound(group.rows[1]))
+        )
+        if segments and segments[-1][2] == members:
+            segments[-1] = (segments[-1][0], stop, members)
+        else:
+            segments.append((start, stop, members))
+    return segments
 
 
 def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
