@@ -410,14 +410,19 @@ def _manifest(model: Any, tokenizer: Any, model_name: str, records: list[dict[st
     )
 
 
+def prompt_limit(model: Any, max_new_tokens: int) -> int | None:
+    """The most tokens a prompt may have: the model's context (``max_position_embeddings``) less
+    ``max_new_tokens``; ``None`` when the config does not give the context."""
+    context = int(getattr(text_config(model), "max_position_embeddings", 0) or 0)
+    return context - max_new_tokens if context else None
+
+
 def check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, max_new_tokens: int, truncate: bool) -> None:
-    """Refuse prompts longer than the model's context less ``max_new_tokens`` (a
-    :class:`CollectError` naming the first), or with ``truncate`` say that they will be cut."""
-    config = text_config(model)
-    context = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if not context or not records:
+    """Refuse prompts longer than :func:`prompt_limit` (a :class:`CollectError` naming the first),
+    or with ``truncate`` say that they will be cut."""
+    limit = prompt_limit(model, max_new_tokens)
+    if limit is None or not records:
         return
-    limit = context - max_new_tokens
     lengths = [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
     too_long = [(r["prompt_id"], n) for r, n in zip(records, lengths) if n > limit]
     if not too_long:
@@ -426,7 +431,7 @@ def check_lengths(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]],
     if not truncate:
         raise CollectError(
             f"{len(too_long)} prompt(s) are longer than the model's context allows: prompt {first_id!r} has "
-            f"{first_len} tokens, the limit is {limit} ({context} context - {max_new_tokens} new tokens). "
+            f"{first_len} tokens, the limit is {limit} ({limit + max_new_tokens} context - {max_new_tokens} new tokens). "
             "They were refused; pass --truncate (truncate=True in Python) to cut them to the limit (keeping their beginning)."
         )
     log.warning(f"moelens: {len(too_long)} prompt(s) longer than {limit} tokens are truncated to their first {limit} tokens")
@@ -456,7 +461,7 @@ def trace_records(
 
     from moelens.tracer import Tracer
 
-    limit = int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 30) - max_new_tokens
+    limit = prompt_limit(model, max_new_tokens) if truncate else None
     device = input_device(model)
     tracer = Tracer(model, tokenizer=tokenizer, records=records, **tracer_options)
     with torch.no_grad(), _padding(tokenizer) as pad_token_id, tracer:
@@ -464,7 +469,7 @@ def trace_records(
             batch = records[start : start + batch_size]
             encoded = tokenizer(
                 [r["text"] for r in batch], return_tensors="pt", padding=True, padding_side="left",
-                truncation=truncate, max_length=limit if truncate else None,
+                truncation=limit is not None, max_length=limit,
             ).to(device)
             if max_new_tokens:
                 model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)

@@ -87,7 +87,6 @@ _ROUTES_HINT = {
     "sglang": 'start SGLang with --enable-return-routed-experts and send "return_routed_experts": true with each request',
 }
 _WRAP_HINT = 'save the token ids sent with the response, as {"response": <response>, "input_ids": [...]}'
-_EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts")  # DeepSeek / Qwen, OLMoE / Mixtral, GPT-OSS
 
 
 def import_routes(
@@ -217,7 +216,7 @@ def model_settings(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
         raise EngineImportError(f"{where} has no num_hidden_layers: pass the MoE layers and the number of experts instead (--moe-layers, --num-experts)")
     return {
         "moe_layers": moe_layers_of_config(text),
-        "num_experts": next((text[key] for key in _EXPERT_COUNTS if isinstance(text.get(key), int)), None),
+        "num_experts": next((text[key] for key in store.EXPERT_COUNT_KEYS if isinstance(text.get(key), int)), None),
         "top_k": text.get("num_experts_per_tok"),
         "num_layers": num_layers,
         "max_positions": text.get("max_position_embeddings"),

@@ -15,7 +15,8 @@ but not the weights, as on DeepSeek-V3: there sigmoid(logit) + bias), the order 
 interventions count in (``rank(r)`` routes to this table's rank r); ``weight`` is what the model
 multiplied the expert's output by. Stores imported from a serving engine (:mod:`moelens.engines`)
 hold expert ids only: their ``weight`` is null, their ``rank`` the engine's slot order, and their
-manifest says ``weights: false`` (analyses that need weights call :func:`require_weights`). A shard
+manifest says ``weights: false`` (their ``Trace.weights`` is ``False``; analyses that need weights
+call :func:`require_weights`). A shard
 counts only once its marker exists: every Parquet file is written under a temporary name and
 renamed when complete, and the marker is renamed into place after all of them, so a killed writer
 leaves nothing that a reader or ``--resume`` mistakes for data.
@@ -31,7 +32,9 @@ memory (:func:`moelens.trace`, a :class:`moelens.tracer.Tracer`) or opened from 
 * ``to_pandas()``: every table, read now, as {name: DataFrame};
 * ``sql(query)``: DuckDB over views of the same names, nothing loaded first (``duckdb()``: the connection);
 * ``layers``: the MoE layer ids; ``experts``: routed experts per MoE layer;
-  ``special_token_ids``: the tokenizer's special ids (what token filters exclude).
+  ``special_token_ids``: the tokenizer's special ids (what token filters exclude);
+  ``weights``: whether ``routes.weight`` holds the routing weights (``False`` only for a store
+  imported from a serving engine).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ SCHEMA_VERSION = 1
 TABLES = ("prompts", "tokens", "routes", "logits")
 MANIFEST = "manifest.json"
 LOCK_FILE = "writer.lock"
+# the transformers config fields that hold a model's number of routed experts (DeepSeek; Qwen, OLMoE;
+# Mixtral, GPT-OSS; Ernie-4.5, DBRX): a config has one of them; readers take the first one present
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -179,12 +185,12 @@ class Manifest:
         return (self.model, self.config_hash, self.family, self.layout, self.intervention)
 
 
-def require_weights(tables: Any, analysis: str) -> None:
-    """Raise :class:`StoreError` if ``tables`` is a store whose routes hold expert ids but no weights."""
-    manifest = getattr(tables, "manifest", None)
-    if manifest is None or manifest.weights:
+def require_weights(tables: Trace, analysis: str) -> None:
+    """Raise :class:`StoreError` if the trace's routes hold expert ids but no weights (``tables.weights`` is ``False``)."""
+    if tables.weights:
         return
-    source = (manifest.engine or {}).get("name") or "a serving engine"
+    engine = tables.manifest.engine if isinstance(tables, StoredTrace) else None
+    source = (engine or {}).get("name") or "a serving engine"
     raise StoreError(
         f"this store was imported from {source} and holds expert ids only; {analysis} needs routing weights. "
         "Trace the prompts with `moelens collect` to record weights, or use an analysis of expert choices "
@@ -363,7 +369,8 @@ class Trace:
     The one interface every analysis takes (see the module docstring, "The trace protocol").
     Subclasses: :class:`moelens.tracer.Tracer` (recorded in memory) and :class:`StoredTrace` (a
     store on disk). A subclass provides :meth:`duckdb`, :meth:`table_names`, ``_load``,
-    :attr:`layers`, :attr:`experts` and :attr:`special_token_ids`.
+    :attr:`layers`, :attr:`experts` and :attr:`special_token_ids`; :attr:`weights` defaults to
+    ``True`` (a trace recorded in memory always holds weights).
     """
 
     def sql(self, query: str) -> pd.DataFrame:
@@ -396,6 +403,12 @@ class Trace:
     def special_token_ids(self) -> list[int]:
         """The tokenizer's special token ids, sorted ([] when the trace does not know them)."""
         raise NotImplementedError
+
+    @property
+    def weights(self) -> bool:
+        """Whether ``routes.weight`` holds the routing weights (``False``: expert ids only, a store
+        imported from a serving engine; see :func:`require_weights`)."""
+        return True
 
     def __getattr__(self, name: str) -> pd.DataFrame:
         if name in TABLES:
@@ -436,6 +449,10 @@ class StoredTrace(Trace):
     @property
     def special_token_ids(self) -> list[int]:
         return sorted(self.manifest.special_token_ids)
+
+    @property
+    def weights(self) -> bool:
+        return self.manifest.weights
 
     def duckdb(self) -> duckdb.DuckDBPyConnection:
         import duckdb

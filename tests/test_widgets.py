@@ -130,6 +130,22 @@ def test_validation_reuses_the_binding_messages(qwen):
         grid.validate(model)
 
 
+def test_problem_binds_again_only_when_the_spec_changes(qwen, monkeypatch):
+    import moelens.interventions.apply as apply
+
+    model, _ = qwen
+    calls = []
+    monkeypatch.setattr(apply, "bind", lambda model, spec: calls.append(spec))
+    grid = ExpertGridState.from_model(model)
+    layer = min(grid.layers)
+    assert grid.problem(model) is None and grid.problem(model) is None
+    assert len(calls) == 1
+    grid.set(layer, 0, "disabled")
+    grid.problem(model)
+    grid.problem(model)
+    assert calls == [Intervention(), grid.to_spec()]
+
+
 def test_compare_steers_away_from_a_disabled_expert(qwen):
     import torch
 

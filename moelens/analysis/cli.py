@@ -85,11 +85,11 @@ def _stats(tables: Any, args: argparse.Namespace) -> list[Path]:
         "load_balance": stats.load_balance(tables, args.by, frequency=frequency),
         "coactivation": stats.coactivation(tables, args.by),
     }
-    if tables.manifest.weights:
+    if tables.weights:
         results["token_entropy"] = stats.token_entropy(tables, args.by)
     else:  # an imported store holds expert ids only: everything but the weight-based entropy still applies
         print(f"moelens: token_entropy skipped: {args.store} holds expert ids only (no routing weights)", file=sys.stderr)
-    layers, num_experts = stats.moe_layout(tables)
+    layers, num_experts = tables.layers, tables.experts
     if len(layers) > 1:
         results["transitions"] = stats.transitions(tables, args.by)
     if args.compare is not None:

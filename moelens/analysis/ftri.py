@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from moelens.analysis.stats import check_tags, connection, literal, moe_layout, quote
+from moelens.analysis.stats import check_tags, connection, literal, quote
 from moelens.analysis.token_filter import PROMPT_TOKENS, TokenFilter, filtered_routes
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def _prompt_rates(
         raise ValueError(f"no prompt has {tag} = {target!r}")
     if not (labels > 0).any():
         raise ValueError(f"no reference prompts: no other value of {tag!r} than {target!r} (or none of {reference!r})")
-    layers, num_experts = moe_layout(tables)
+    layers, num_experts = tables.layers, tables.experts
     layer_index = np.full(max(layers) + 1, -1, dtype=np.int64)
     layer_index[layers] = np.arange(len(layers))
     prompt_ids = np.asarray(prompts["prompt_id"])  # sorted by the query
@@ -359,11 +359,7 @@ def to_spec(table: pd.DataFrame, n: int, *, kind: str = "drop", **options: Any) 
     ``options`` go to the constructor (``tokens``).
     """
     from moelens import interventions
-    from moelens.analysis._specs import build
+    from moelens.analysis._specs import build, disable_builders
 
-    builders = {
-        "drop": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(renormalize=True), **o),
-        "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
-        "force": interventions.force,
-    }
+    builders = {**disable_builders(renormalize=True), "force": interventions.force}
     return build(kind, builders, top_experts(table, n), **options)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from moelens.analysis.stats import check_tags, literal, moe_layout, one_row, query, quote, with_counted
+from moelens.analysis.stats import check_tags, literal, one_row, query, quote, with_counted
 from moelens.analysis.token_filter import ALL_TOKENS, TokenFilter, filtered_routes, filtered_tokens
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def condition_counts(
         GROUP BY ALL
         """,
     )
-    layers, num_experts = moe_layout(tables)
+    layers, num_experts = tables.layers, tables.experts
     grid = pd.MultiIndex.from_product([layers, range(num_experts)], names=["layer", "expert"])
     counts = pd.concat(
         [frame.astype({"layer": "int64", "expert": "int64"}).set_index(["layer", "expert"]) for frame in (expert_counts, joint_counts)], axis=1
@@ -248,7 +248,7 @@ def to_spec(
     given where it does not apply, it is refused. ``options`` go to the constructor (``tokens``).
     """
     from moelens import interventions
-    from moelens.analysis._specs import build
+    from moelens.analysis._specs import build, disable_builders
 
     if factor is not None and kind != "reweight":
         raise ValueError(f"npmi to_spec: factor applies to kind='reweight' only, not {kind!r}")
@@ -258,7 +258,6 @@ def to_spec(
 
     builders = {
         "reweight": lambda experts, **o: interventions.reweight(experts, factor, renormalize=renormalize, **o),
-        "drop": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(renormalize=renormalize), **o),
-        "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
+        **disable_builders(renormalize=renormalize),
     }
     return build(kind, builders, top_experts(table, n), **options)

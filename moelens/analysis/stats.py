@@ -138,11 +138,6 @@ def one_row(tables: Trace, sql: str, parameters: Sequence[object] = ()) -> tuple
     return connection(tables).execute(sql, list(parameters)).fetchall()[0]
 
 
-def moe_layout(tables: Trace) -> tuple[list[int], int]:
-    """(MoE layer ids in order, number of routed experts) of the trace's model."""
-    return list(tables.layers), tables.experts
-
-
 # --- per (layer, expert) -------------------------------------------------------------------------
 def expert_frequency(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilter = ALL_TOKENS) -> pd.DataFrame:
     """Selection frequency and mean weight of every (layer, expert), never-selected experts included.
@@ -169,7 +164,7 @@ def expert_frequency(tables: Trace, by: Sequence[str] = (), *, tokens: TokenFilt
         FROM ({with_groups(tables, by, tokens)}) GROUP BY ALL
         """,
     )
-    layers, num_experts = moe_layout(tables)
+    layers, num_experts = tables.layers, tables.experts
     groups = counts[by].drop_duplicates() if by else pd.DataFrame(index=[0])
     grid = groups.merge(pd.DataFrame({"layer": layers}), how="cross").merge(pd.DataFrame({"expert": range(num_experts)}), how="cross")
     counts = counts.astype({"layer": "int64", "expert": "int64"})
@@ -286,7 +281,7 @@ def transitions(tables: Trace, by: Sequence[str] = (), *, ranks: int | None = No
     ``layer`` and ``next_expert`` at ``next_layer``; absent pairs never occurred.
     """
     by = list(by)
-    layers, _ = moe_layout(tables)
+    layers = tables.layers
     if len(layers) < 2:
         raise ValueError(f"transitions need at least two MoE layers; this trace has {layers}")
     pairs = ", ".join(f"({a}, {b})" for a, b in zip(layers, layers[1:]))

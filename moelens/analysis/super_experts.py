@@ -161,14 +161,9 @@ def to_spec(report: SuperExpertReport, n: int | None = None, *, kind: str = "dro
 
     ``options`` go to the constructor (``tokens``).
     """
-    from moelens import interventions
-    from moelens.analysis._specs import build
+    from moelens.analysis._specs import build, disable_builders
 
-    builders = {
-        "drop": lambda experts, **o: interventions.disable(experts, mode=interventions.Drop(), **o),
-        "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
-    }
-    return build(kind, builders, top_experts(report, n), **options)
+    return build(kind, disable_builders(), top_experts(report, n), **options)
 
 
 def profile_super_experts(

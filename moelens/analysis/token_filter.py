@@ -47,7 +47,7 @@ class TokenFilter:
         conditions = []
         if self.kind != "all":
             conditions.append(f"{'' if self.kind == 'generated' else 'NOT '}{alias}.generated")
-        specials = special_token_ids(tables)
+        specials = tables.special_token_ids
         if not self.special and specials:
             conditions.append(f"{alias}.token_id NOT IN ({', '.join(str(i) for i in specials)})")
         if self.positions is not None:
@@ -59,7 +59,7 @@ class TokenFilter:
 
     def describe(self, tables: Trace) -> dict[str, object]:
         """What was counted, for a result's ``attrs["tokens"]``."""
-        specials = special_token_ids(tables)
+        specials = tables.special_token_ids
         if self.special:
             special = "counted"
         elif specials:
@@ -71,11 +71,6 @@ class TokenFilter:
 
 PROMPT_TOKENS = TokenFilter(kind="prompt")  # MoTE's fTRI counts the prompt's tokens
 ALL_TOKENS = TokenFilter()  # every token but the special ones
-
-
-def special_token_ids(tables: Trace) -> list[int]:
-    """The special token ids a trace records (store manifest or in-memory tracer); [] if none."""
-    return sorted(tables.special_token_ids)
 
 
 def filtered_tokens(tables: Trace, tokens: TokenFilter) -> str:

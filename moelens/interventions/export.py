@@ -19,8 +19,7 @@ from typing import Any
 from moelens.hooks.adapters import module_name, moe_layers
 from moelens.interventions.apply import bind
 from moelens.interventions.spec import Intervention, Keep, SpecError
-
-_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+from moelens.store import EXPERT_COUNT_KEYS
 
 
 def _keep_sets(model: Any, spec: Intervention) -> dict[int, list[int]]:
@@ -70,9 +69,9 @@ def export_pruned(model: Any, tokenizer: Any, spec: Intervention, out_dir: str |
         )
     config = copy.deepcopy(model.config)
     counts = config.get_text_config()  # the text backbone's config (the config itself for text models)
-    count_fields = [name for name in _EXPERT_COUNT_FIELDS if isinstance(getattr(counts, name, None), int)]
+    count_fields = [name for name in EXPERT_COUNT_KEYS if isinstance(getattr(counts, name, None), int)]
     if not count_fields:
-        raise SpecError(f"prune export: {config.model_type}'s config has none of {', '.join(_EXPERT_COUNT_FIELDS)}")
+        raise SpecError(f"prune export: {config.model_type}'s config has none of {', '.join(EXPERT_COUNT_KEYS)}")
     for name in count_fields:
         setattr(counts, name, len(next(iter(keep.values()))))
     state = model.state_dict()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -225,6 +226,7 @@ class ExpertGridState(Observable):
         Observable.__init__(self)
         self._selection: tuple[tuple[int, int], ...] = ()
         self._shading: CellScores | None = None
+        self._checked: tuple[Intervention, weakref.ref[nn.Module], str | None] | None = None  # problem()'s last answer
 
     @classmethod
     def from_model(cls, model: nn.Module, options: Options = Options()) -> ExpertGridState:
@@ -280,12 +282,19 @@ class ExpertGridState(Observable):
         bind(model, self.to_spec())
 
     def problem(self, model: nn.Module) -> str | None:
-        """The validation message, or ``None`` if the grid can be applied to ``model``."""
+        """The validation message, or ``None`` if the grid can be applied to ``model``. The answer is
+        kept until the grid's spec or the model changes (the grid view asks on every redraw)."""
+        spec = self.to_spec()
+        if self._checked is not None and self._checked[0] == spec and self._checked[1]() is model:
+            return self._checked[2]
         try:
             self.validate(model)
         except SpecError as error:
-            return str(error)
-        return None
+            problem: str | None = str(error)
+        else:
+            problem = None
+        self._checked = (spec, weakref.ref(model), problem)
+        return problem
 
     @property
     def selection(self) -> tuple[tuple[int, int], ...]:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moelens.store import EXPERT_COUNT_KEYS
+
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
@@ -48,11 +50,10 @@ _SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # A modeling file is MoE when it decorates an experts class with ``use_experts_implementation`` or
 # reads both a routed-expert count and a per-token expert count from its config (DBRX, JetMoE,
 # Llama-4, LongCat, Doge predate the decorator).
-_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_KS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "moe_top_k")
 _EXPERT_WIDTHS = ("moe_intermediate_size", "expert_ffn_hidden_size", "moe_hidden_size")
 _DECORATOR = re.compile(r"@use_experts_implementation")
-_EXPERT_COUNT = re.compile(rf"\.({'|'.join(_EXPERT_COUNTS)})\b")
+_EXPERT_COUNT = re.compile(rf"\.({'|'.join(EXPERT_COUNT_KEYS)})\b")
 _TOP_K = re.compile(rf"\.({'|'.join(_TOP_KS)})\b")
 
 
@@ -286,7 +287,7 @@ _RULES: tuple[tuple[tuple[str, ...], Rule], ...] = (
     (("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size",
       "share_expert_dim", "shared_experts_intermediate_size"), _pos(SHARED_WIDTH)),
     # routing
-    (_EXPERT_COUNTS, _set(N_EXPERTS)),
+    (EXPERT_COUNT_KEYS, _set(N_EXPERTS)),
     (_TOP_KS, _set(TOP_K)),
     (("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), _pos(1)),
     (("zero_expert_num",), _pos(4)),
@@ -529,7 +530,7 @@ def _make_consistent(config: dict[str, Any], defaults: dict[str, Any], *, mrope:
         config["intermediate_size"] = SHARED_WIDTH  # it is the experts' width (Mixtral, GPT-OSS, Jamba...)
 
     # Group-limited routing: groups divide the experts, the kept groups hold at least top-k experts.
-    experts = next((config[k] for k in _EXPERT_COUNTS if isinstance(config.get(k), int)), None)
+    experts = next((config[k] for k in EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
     group_key = next((k for k in ("n_group", "num_expert_group") if isinstance(config.get(k), int)), None)
     top_key = next((k for k in _TOP_KS if isinstance(config.get(k), int)), None)
     if experts and group_key:
@@ -593,7 +594,7 @@ def _randomise_router_state(model: torch.nn.Module, config: PretrainedConfig, se
     import torch
 
     settings = _flat_settings(config.to_dict())
-    experts = next(settings[k] for k in _EXPERT_COUNTS if isinstance(settings.get(k), int))
+    experts = next(settings[k] for k in EXPERT_COUNT_KEYS if isinstance(settings.get(k), int))
     sizes = {experts, experts + 1, experts + (settings.get("zero_expert_num") or 0)}
     routers = {name for name, module in model.named_modules()
                if _ROUTER_CLASS.search(type(module).__name__) or _ROUTER_ATTRIBUTE.search(name.rsplit(".", 1)[-1])}
