@@ -6,8 +6,6 @@ Inputs are assumed validated (`routing.validate`).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -22,16 +20,18 @@ def route_reference(
     *,
     correction_bias: Tensor | None = None,
     controls: RoutingControls | None = None,
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """logits [T, E] -> (weights [T, K] float32, indices [T, K] int64), see `routing.route`."""
-    if controls is None or controls.token_mask is None:
-        return _route_all_tokens(logits, rule, correction_bias, controls or RoutingControls())
+    controls = controls or RoutingControls()
+    if token_mask is None:
+        return _route_all_tokens(logits, rule, correction_bias, controls)
     # Route every token both ways and keep, per token, the one its mask asks for.
-    k = num_slots(rule, controls, logits.shape[1])
-    w_on, i_on = _route_all_tokens(logits, rule, correction_bias, replace(controls, token_mask=None))
+    k = num_slots(rule, controls, logits.shape[1], masked=True)
+    w_on, i_on = _route_all_tokens(logits, rule, correction_bias, controls)
     w_off, i_off = _route_all_tokens(logits, rule, correction_bias, RoutingControls())
     num_experts = logits.shape[1]
-    mask = controls.token_mask[:, None]
+    mask = token_mask[:, None]
     weights = torch.where(mask, _pad(w_on, k, 0.0), _pad(w_off, k, 0.0))
     indices = torch.where(mask, _pad(i_on, k, num_experts), _pad(i_off, k, num_experts))
     return weights, indices

@@ -128,7 +128,6 @@ class RoutingControls:
     select: Selection = TOP_K  # how slots are filled: TopKSelect (+ forced experts), TopPSelect or RankSelect
     multiplier: MultiplyWeights | None = None  # applied to the selected weights first
     drop: DropWeights | None = None  # then dropped experts' weights are zeroed
-    token_mask: Tensor | None = None  # [T] bool, tokens the controls apply to; others routed as with no controls
 
     @property
     def force(self) -> Tensor | None:
@@ -136,10 +135,10 @@ class RoutingControls:
         return self.select.force if isinstance(self.select, TopKSelect) else None
 
 
-def num_slots(rule: RoutingRule, controls: RoutingControls | None, num_experts: int) -> int:
+def num_slots(rule: RoutingRule, controls: RoutingControls | None, num_experts: int, *, masked: bool = False) -> int:
     """K, the width of `route`'s outputs: top_k; the top-p cap (``max_k``, else E) under TopPSelect; 1 under RankSelect.
 
-    With a token_mask the unmasked tokens still need top_k slots, so K is at least top_k there.
+    ``masked`` (`route` was given a token_mask): the tokens outside it still need top_k slots, so K is at least top_k.
     """
     if controls is None:
         return rule.top_k
@@ -150,7 +149,7 @@ def num_slots(rule: RoutingRule, controls: RoutingControls | None, num_experts: 
         k = top_p_cap(select, num_experts)
     else:
         k = rule.top_k
-    return max(k, rule.top_k) if controls.token_mask is not None else k
+    return max(k, rule.top_k) if masked else k
 
 
 def top_p_cap(select: TopPSelect, num_experts: int) -> int:
@@ -164,21 +163,24 @@ def route(
     *,
     correction_bias: Tensor | None = None,
     controls: RoutingControls | None = None,
+    token_mask: Tensor | None = None,
     impl: Impl = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Route tokens: logits [T, E] -> (weights [T, K] float32, indices [T, K] int64).
 
-    K is given by `num_slots` (E = logits.shape[1]). Empty slots hold index E and weight 0. Slots are ordered by descending choice
-    score, forced experts last. With no controls the result equals the family's own router (indices exactly,
+    token_mask: [T] bool, the tokens ``controls`` apply to; the others are routed with no controls (the family's
+    routing), in the same launch. It is per-call data, unlike the controls (built once per spec and cached).
+    K is given by `num_slots` (E = logits.shape[1]; ``masked=`` whether a token_mask was given). Empty slots
+    hold index E and weight 0. Slots are ordered by descending choice score, forced experts last. With no controls the result equals the family's own router (indices exactly,
     up to order where the family uses sorted=False top-k; weights to float tolerance).
     `impl="auto"` runs the Triton kernel on CUDA tensors and the fast torch path otherwise.
     Raises ValueError (bad values) or TypeError (bad dtypes) naming the offending input and its valid range.
     """
-    validate(logits, rule, correction_bias, controls)
+    validate(logits, rule, correction_bias, controls, token_mask)
     if impl == "auto":
         impl = "triton" if logits.is_cuda else "torch"
     fn = _IMPLS.get(impl) or _load_impl(impl)
-    return fn(logits, rule, correction_bias=correction_bias, controls=controls)
+    return fn(logits, rule, correction_bias=correction_bias, controls=controls, token_mask=token_mask)
 
 
 _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
@@ -209,7 +211,11 @@ def _load_impl(impl: str) -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def validate(
-    logits: Tensor, rule: RoutingRule, correction_bias: Tensor | None, controls: RoutingControls | None
+    logits: Tensor,
+    rule: RoutingRule,
+    correction_bias: Tensor | None,
+    controls: RoutingControls | None,
+    token_mask: Tensor | None = None,
 ) -> None:
     """Check shapes, dtypes and values of `route`'s inputs; raise with what is wrong and how to fix it."""
     if logits.dim() != 2 or not logits.is_floating_point():
@@ -221,6 +227,7 @@ def validate(
     _validate_rule(rule, num_experts)
     if correction_bias is not None:
         _check_vector("correction_bias", correction_bias, num_experts, logits.device, float)
+    _check_vector("token_mask", token_mask, num_tokens, logits.device, bool)
     if controls is None:
         return
     c = controls
@@ -231,7 +238,6 @@ def validate(
     _check_vector("multiplier", c.multiplier.factors if c.multiplier is not None else None, num_experts, logits.device, float)
     for name, mask in (("disable", c.disable), ("force", c.force), ("drop", c.drop.experts if c.drop is not None else None)):
         _check_vector(name, mask, num_experts, logits.device, bool)
-    _check_vector("token_mask", c.token_mask, num_tokens, logits.device, bool)
     if _validated.get(c) == (num_experts, rule.top_k):
         return  # the value checks below read the tensors (a sync each on GPU): once per controls object
     _validate_control_values(c, rule, num_experts)

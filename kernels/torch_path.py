@@ -10,7 +10,7 @@ Where it saves work over the reference (and over the families' own routers):
   into what the passes consume: logit bias and disable mask folded into one additive [E] vector, forced
   expert ids, multiplier and drop as [E + 1] factor vectors (the extra entry serves the sentinel slot) taken
   at the selected indices. At decode time (T = 1) per-op overhead dominates, so every op saved counts.
-- token_mask routes the two token subsets separately, so no token is routed twice.
+- A token_mask routes the two token subsets separately, so no token is routed twice.
 """
 
 from __future__ import annotations
@@ -76,19 +76,20 @@ def route_torch(
     *,
     correction_bias: Tensor | None = None,
     controls: RoutingControls | None = None,
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """logits [T, E] -> (weights [T, K] float32, indices [T, K] int64), see `routing.route`."""
     c = controls or _NO_CONTROLS
     prep = _prepare(c)
-    if c.token_mask is None:
+    if token_mask is None:
         return _route(logits, rule, correction_bias, c, prep)
     num_tokens, num_experts = logits.shape
-    k = num_slots(rule, c, num_experts)
+    k = num_slots(rule, c, num_experts, masked=True)
     weights = logits.new_zeros(num_tokens, k, dtype=torch.float32)
     indices = torch.full((num_tokens, k), num_experts, dtype=torch.int64, device=logits.device)
     for rows, part_controls, part_prep in (
-        (c.token_mask.nonzero().flatten(), c, prep),
-        ((~c.token_mask).nonzero().flatten(), _NO_CONTROLS, _PLAIN),
+        (token_mask.nonzero().flatten(), c, prep),
+        ((~token_mask).nonzero().flatten(), _NO_CONTROLS, _PLAIN),
     ):
         w, i = _route(logits[rows], rule, correction_bias, part_controls, part_prep)
         weights[rows, : w.shape[1]] = w
@@ -99,7 +100,7 @@ def route_torch(
 def _route(
     logits: Tensor, rule: RoutingRule, correction_bias: Tensor | None, c: RoutingControls, prep: _Prepared
 ) -> tuple[Tensor, Tensor]:
-    """Route all tokens with controls `c` (its token_mask ignored) prepared as `prep`."""
+    """Route all tokens with controls `c` prepared as `prep`."""
     num_experts = logits.shape[1]
     x = logits.float() if prep.shift is None else logits.float() + prep.shift  # [T, E]: bias and disable, one pass
 

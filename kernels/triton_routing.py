@@ -203,6 +203,7 @@ def route_triton(
     *,
     correction_bias: Tensor | None = None,
     controls: RoutingControls | None = None,
+    token_mask: Tensor | None = None,
     block_t: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the kernel: logits [T, E] -> (weights [T, K] float32, indices [T, K] int64), see `routing.route`.
@@ -212,7 +213,7 @@ def route_triton(
     """
     c = controls or RoutingControls()
     num_tokens, num_experts = logits.shape
-    k_out = num_slots(rule, c, num_experts)
+    k_out = num_slots(rule, c, num_experts, masked=token_mask is not None)
     if not logits.is_cuda and not triton.knobs.runtime.interpret:
         raise RuntimeError(
             "the Triton routing kernel got CPU tensors without the interpreter; set TRITON_INTERPRET=1 "
@@ -239,7 +240,7 @@ def route_triton(
         logits, logits.stride(0),
         _floats(correction_bias), _floats(c.logit_bias), _floats(multiplier.factors if multiplier else None),
         _bytes(c.disable), _bytes(c.force), _bytes(drop.experts if drop else None),
-        _bytes(c.token_mask),
+        _bytes(token_mask),
         weights, indices,
         num_tokens, num_experts, rule.top_k, int(c.force.sum()) if c.force is not None else 0,
         slots_on, rank, float(rule.scaling), float(top_p),

@@ -98,9 +98,7 @@ def _controls(kind: str, num_tokens: int, num_experts: int, top_k: int, gen: tor
         "top_p": lambda: RoutingControls(select=TopPSelect(0.4, max_k=min(num_experts, 2 * top_k))),
         "top_p_renorm": lambda: RoutingControls(select=TopPSelect(0.7, renormalize=True)),
         "rank": lambda: RoutingControls(select=RankSelect(min(1, num_experts - 1))),  # the second choice
-        "masked_disable": lambda: RoutingControls(
-            disable=_mask(num_experts, quarter, gen), token_mask=torch.rand(num_tokens, generator=gen) < 0.5
-        ),
+        "masked_disable": lambda: RoutingControls(disable=_mask(num_experts, quarter, gen)),  # + a token mask (_case)
         "combined": lambda: RoutingControls(
             logit_bias=torch.randn(num_experts, generator=gen),
             disable=_mask(num_experts, quarter, gen) & ~(force := _mask(num_experts, n_force, gen)),
@@ -112,11 +110,14 @@ def _controls(kind: str, num_tokens: int, num_experts: int, top_k: int, gen: tor
 
 
 def _case(family: str, kind: str, num_experts: int, top_k: int, num_tokens: int, seed: int = 0):
+    """(logits, rule, route's keyword arguments: correction_bias, controls, token_mask)."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_tokens, num_experts, generator=gen) * 2
     rule = _family_rule(family, num_experts, top_k)
     correction_bias = torch.randn(num_experts, generator=gen) * 0.3 if family in BIASED else None
-    return logits, rule, correction_bias, _controls(kind, num_tokens, num_experts, top_k, gen)
+    controls = _controls(kind, num_tokens, num_experts, top_k, gen)
+    token_mask = torch.rand(num_tokens, generator=gen) < 0.5 if kind.startswith("masked_") else None
+    return logits, rule, {"correction_bias": correction_bias, "controls": controls, "token_mask": token_mask}
 
 
 def _assert_same_routing(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor]) -> None:
@@ -142,11 +143,12 @@ LARGE = [  # E = 512, k = 16 once per selection mode
 
 @pytest.mark.parametrize(("family", "kind", "num_experts", "top_k", "num_tokens"), GRID + LARGE)
 def test_matches_reference(impl: str, family: str, kind: str, num_experts: int, top_k: int, num_tokens: int) -> None:
-    logits, rule, correction_bias, controls = _case(family, kind, num_experts, top_k, num_tokens)
-    want = route(logits, rule, correction_bias=correction_bias, controls=controls, impl="reference")
-    got = route(logits, rule, correction_bias=correction_bias, controls=controls, impl=impl)
+    logits, rule, options = _case(family, kind, num_experts, top_k, num_tokens)
+    want = route(logits, rule, **options, impl="reference")
+    got = route(logits, rule, **options, impl=impl)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
-    assert got[0].shape == (num_tokens, num_slots(rule, controls, num_experts))
+    masked = options["token_mask"] is not None
+    assert got[0].shape == (num_tokens, num_slots(rule, options["controls"], num_experts, masked=masked))
     _assert_same_routing(got, want)
 
 
@@ -157,9 +159,9 @@ def test_torch_path_matches_reference_on_every_shape(family: str, kind: str) -> 
     for num_experts in (8, 64, 256):
         for top_k in (1, 2, 8):
             for num_tokens in (1, 300):
-                logits, rule, bias, controls = _case(family, kind, num_experts, top_k, num_tokens, seed=top_k)
-                want = route(logits, rule, correction_bias=bias, controls=controls, impl="reference")
-                _assert_same_routing(route(logits, rule, correction_bias=bias, controls=controls, impl="torch"), want)
+                logits, rule, options = _case(family, kind, num_experts, top_k, num_tokens, seed=top_k)
+                want = route(logits, rule, **options, impl="reference")
+                _assert_same_routing(route(logits, rule, **options, impl="torch"), want)
 
 
 @pytest.mark.parametrize("kind", ["none", "disable", "force", "masked_disable"])
@@ -167,21 +169,23 @@ def test_torch_path_matches_reference_on_every_shape(family: str, kind: str) -> 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_torch_path_arg_max_selection_on_many_tokens(family: str, top_k: int, kind: str) -> None:
     """k <= 2 on many tokens selects by arg-max passes instead of torch.topk."""
-    logits, rule, bias, controls = _case(family, kind, 64, top_k, 1024)
-    want = route(logits, rule, correction_bias=bias, controls=controls, impl="reference")
-    _assert_same_routing(route(logits, rule, correction_bias=bias, controls=controls, impl="torch"), want)
+    logits, rule, options = _case(family, kind, 64, top_k, 1024)
+    want = route(logits, rule, **options, impl="reference")
+    _assert_same_routing(route(logits, rule, **options, impl="torch"), want)
 
 
 def test_controls_object_reused_across_calls(impl: str) -> None:
     """Controls are validated and prepared once per object; later calls (other token counts) still match."""
-    logits, rule, _, controls = _case("deepseek_v3", "combined", 64, 8, 40)
+    logits, rule, options = _case("deepseek_v3", "combined", 64, 8, 40)
+    controls = options["controls"]
     first = route(logits, rule, controls=controls, impl=impl)
     again = route(logits[:3], rule, controls=controls, impl=impl)
     _assert_same_routing(again, (first[0][:3], first[1][:3]))
 
 
 def test_bf16_logits_and_strided_input(impl: str) -> None:
-    logits, rule, _, controls = _case("mixtral", "combined", 64, 8, 33)
+    logits, rule, options = _case("mixtral", "combined", 64, 8, 33)
+    controls = options["controls"]
     wide = torch.randn(33, 128).bfloat16()
     wide[:, ::2] = logits.bfloat16()
     strided = wide[:, ::2]  # [T, E] with a column stride of 2
@@ -418,8 +422,8 @@ def test_top_p_weights_on_a_sigmoid_family_keep_its_scale(impl: str) -> None:
 
 def test_planted_token_mask_leaves_other_tokens_untouched(impl: str) -> None:
     logits = PLANTED_LOGITS.expand(2, -1)
-    controls = RoutingControls(disable=_bools(5, 0), select=RankSelect(0), token_mask=torch.tensor([True, False]))
-    weights, indices = route(logits, SOFTMAX_RENORM, controls=controls, impl=impl)
+    controls = RoutingControls(disable=_bools(5, 0), select=RankSelect(0))
+    weights, indices = route(logits, SOFTMAX_RENORM, controls=controls, token_mask=torch.tensor([True, False]), impl=impl)
     assert indices.tolist() == [[1, 5], [0, 1]]  # K = top_k: the masked token's second slot is empty
     assert weights[0].tolist() == [1.0, 0.0]
     assert weights[1].tolist() == pytest.approx(_softmax_of(4.0, 3.0))
@@ -501,15 +505,16 @@ RULE = RoutingRule(2, "softmax", renormalize=True)
             RoutingControls(drop=DropWeights(torch.zeros(E, dtype=torch.bool, device="meta"))),
             ValueError, "drop is on meta", id="wrong-device",
         ),
-        pytest.param(
-            RoutingControls(token_mask=torch.ones(E, dtype=torch.bool)),
-            ValueError, r"token_mask must be a tensor of shape \(3,\)", id="token-mask-length",
-        ),
     ],
 )
 def test_validation_errors(controls: RoutingControls, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         route(torch.randn(3, E), RULE, controls=controls)
+
+
+def test_a_token_mask_of_the_wrong_length_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"token_mask must be a tensor of shape \(3,\)"):
+        route(torch.randn(3, E), RULE, controls=RoutingControls(), token_mask=torch.ones(E, dtype=torch.bool))
 
 
 @pytest.mark.parametrize(

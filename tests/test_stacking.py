@@ -148,6 +148,30 @@ def test_three_row_ranges_with_different_slot_counts(family):
     assert together.routes.query("prompt_id == 1")["rank"].max() == 0
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_position_scoped_parts_route_each_position_as_its_spec_does(family):
+    """Two positions that chose expert e disable it (the family's rule: one masked launch), another
+    position gets ``top_k(1)`` (another rule: routed apart), the rest route as the family does.
+    Checked at the first MoE layer, whose inputs no routing has changed yet, against each spec
+    applied to every token."""
+    model, tokenizer = moelens.load(f"tiny:{family}")
+    batch = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    layer, e, _ = _two_experts(model, batch)
+    assert layer == moe_layers(model)[0].index
+    family_routing = _received(model, batch)[layer]
+    disabled_at = [p for p in range(len(family_routing[0])) if e in family_routing[0][p]][:2]
+    top_k_at = next(p for p in range(len(family_routing[0])) if p not in disabled_at)
+    assert len(disabled_at) == 2
+    got = _received(model, batch, disable({layer: [e]}, tokens=disabled_at) + top_k(1, tokens=[top_k_at]))[layer]
+    disabled, top_1 = _received(model, batch, disable({layer: [e]}))[layer], _received(model, batch, top_k(1))[layer]
+    for position in range(len(family_routing[0])):
+        truth = disabled if position in disabled_at else top_1 if position == top_k_at else family_routing
+        indices, weights = got[0][position], got[1][position]
+        filled = weights != 0 if position == top_k_at else torch.ones_like(weights, dtype=torch.bool)  # a padded empty slot
+        assert torch.equal(indices[filled].sort().values, truth[0][position].sort().values), position
+        torch.testing.assert_close(weights[filled].sort().values, truth[1][position].sort().values)
+
+
 def test_a_token_in_two_scopes_gets_both_parts():
     """disable(all) + reweight(generated): generated tokens get both, not only the reweight."""
     model, tokenizer = moelens.load("tiny:qwen3_moe")

@@ -402,11 +402,23 @@ def _routed(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> 
         return scaled_by_expert(weights, indices, placed.expert_scale), indices
     # explicit positions: which tokens a group covers is known on the device only
     in_group = torch.stack([_group_mask(group, step) for group in plan.groups]).to(logits.device)  # [G, T]
-    weights, indices = route(logits, plan.rule, correction_bias=bias)  # the family's routing, for tokens in no group
-    for variant in placed.variants:
+
+    def tokens_of(variant: _Variant) -> torch.Tensor:
         members = torch.zeros(len(plan.groups), dtype=torch.bool, device=in_group.device)
         members[list(variant.members)] = True
-        mask = (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
+        return (in_group == members[:, None]).all(dim=0)  # [T] in exactly these groups
+
+    variants = list(placed.variants)
+    # one launch routes a variant's tokens under its controls and all others as the family does,
+    # when the variant keeps the family's rule (a top_k part changes it)
+    base = next((v for v in variants if v.rule == plan.rule), None)
+    if base is None:
+        weights, indices = route(logits, plan.rule, correction_bias=bias)
+    else:
+        variants.remove(base)
+        weights, indices = route(logits, plan.rule, correction_bias=bias, controls=base.controls, token_mask=tokens_of(base))
+    for variant in variants:
+        mask = tokens_of(variant)
         w, i = route(logits, variant.rule, correction_bias=bias, controls=variant.controls)
         width = max(weights.shape[-1], w.shape[-1])
         weights, indices = _pad_slots(weights, indices, width, plan.layer.num_experts)
