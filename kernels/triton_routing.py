@@ -128,7 +128,7 @@ def _routing_kernel(
         mass_before = tl.zeros([BLOCK_T], tl.float32)
     picked_value = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)  # selected score, or logit before scoring
     picked = tl.full([BLOCK_T, BLOCK_K], BLOCK_E, tl.int32)
-    for j in tl.static_range(K_OUT):
+    for j in range(K_OUT):  # a loop, not unrolled: K_OUT reaches E under uncapped top-p
         free_slot = (j < n_free)[:, None]
         candidates = tl.where(free_slot, eligible & ~forced, forced) & ~taken
         pick = _pick(tl.where(free_slot, choice, forced_key), candidates, cols, BLOCK_E)
