@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from moelens.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -378,6 +379,35 @@ def with_experts_routing(
         else:
             args[position] = value
     return tuple(args), kwargs
+
+
+# An *empty slot* (a token given fewer experts than its k slots: top-p, rank, a layer's top_k, or
+# every eligible expert disabled) is written one way and read back one way, both here:
+# fill_empty_slots writes it for the experts, filled_slots finds it in what they received.
+def fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] routing with its empty slots (the kernel's sentinel index E) pointed at the token's
+    first expert with weight 0.
+
+    transformers' experts implementations skip the sentinel index E only under expert parallelism
+    (grouped_mm with biases indexes out of bounds otherwise); a repeated expert with weight 0
+    adds exactly nothing, and :func:`filled_slots` leaves such repeats out.
+    """
+    import torch
+
+    empty = indices >= num_experts
+    return torch.where(empty, 0.0, weights), torch.where(empty, indices[:, :1], indices)
+
+
+def filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """[..., k] bool: False on empty slots, i.e. the sentinel index E or a zero-weight repeat of an
+    expert already in an earlier slot (what :func:`fill_empty_slots` writes)."""
+    import numpy as np
+
+    num_slots = indices.shape[-1]
+    repeat = np.zeros(indices.shape, dtype=bool)
+    for slot in range(1, num_slots):
+        repeat[..., slot] = (indices[..., :slot] == indices[..., slot : slot + 1]).any(axis=-1)
+    return ~(repeat & (weights == 0)) & (indices < num_experts)
 
 
 def correction_bias_of(layer: MoeLayer) -> torch.Tensor | None:

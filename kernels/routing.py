@@ -36,7 +36,8 @@ Impl = Literal["auto", "reference", "torch", "triton"]
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """How a family routes. Built by the family adapters; see METHODS.md for each family's values."""
+    """How a family routes. Inferred from each model's config and verified against its own routing by
+    :mod:`moelens.hooks.routing_check`."""
 
     top_k: int
     score: Literal["softmax", "sigmoid"]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens.errors import TraceError
 from moelens.hooks import routing_check
-from moelens.hooks.adapters import MoeLayer, moe_layers, moe_view
+from moelens.hooks.adapters import MoeLayer, filled_slots, moe_layers, moe_view
 from moelens.hooks.sites import RoutingObserver, sites_of
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, Trace, special_token_ids_of, widen_half_floats
@@ -394,7 +394,7 @@ def _build_tables(tracer: Tracer) -> dict[str, pa.Table]:
         indices = np.take_along_axis(indices, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         weights = np.take_along_axis(weights, order, axis=-1).transpose(1, 0, 2)  # [M, L, k]
         tokens_m, _, k = indices.shape
-        keep = _filled_slots(indices, weights, layout.num_experts).reshape(-1)
+        keep = filled_slots(indices, weights, layout.num_experts).reshape(-1)
         routes["prompt_id"].append(np.repeat(row_ids, num_layers * k)[keep])
         routes["position"].append(np.repeat(positions, num_layers * k)[keep])
         routes["layer"].append(np.tile(np.repeat(layer_ids, k), tokens_m)[keep])
@@ -449,18 +449,6 @@ def _prompts_table(tracer: Tracer, layout: StoreLayout) -> pa.Table:
         return prompts_table(tracer._records, layout)
     id_type = layout.tokens_schema().field("prompt_id").type
     return pa.table({"prompt_id": pa.array(tracer._seen_prompt_ids, type=id_type), "text": pa.nulls(len(tracer._seen_prompt_ids), pa.string())})
-
-
-def _filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
-    """[..., k] bool: False on empty slots, i.e. the sentinel index E or a zero-weight repeat of an
-    expert already in an earlier slot (how interventions pad top-p / rank routing to k slots)."""
-    import numpy as np
-
-    num_slots = indices.shape[-1]
-    repeat = np.zeros(indices.shape, dtype=bool)
-    for slot in range(1, num_slots):
-        repeat[..., slot] = (indices[..., :slot] == indices[..., slot : slot + 1]).any(axis=-1)
-    return ~(repeat & (weights == 0)) & (indices < num_experts)
 
 
 def _sorted_table(columns: dict[str, Any], schema: pa.Schema, keys: Sequence[str]) -> pa.Table:

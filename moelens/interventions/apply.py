@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moelens.hooks.adapters import MoeLayer, alive, correction_bias_of, expert_scale_of, moe_view
+from moelens.hooks.adapters import MoeLayer, alive, correction_bias_of, expert_scale_of, fill_empty_slots, moe_view
 from moelens.hooks.routing_check import RouterReading, RoutingCheck, routing_check, scaled_by_expert
 from moelens.hooks.sites import sites_of
 from moelens.hooks.steps import StepTokens
@@ -92,7 +92,7 @@ class _Placed:
 
 
 @dataclass(frozen=True)
-class _LayerPlan:
+class LayerPlan:
     """One MoE layer's compiled routing. Controls are built on the CPU and copied, once per
     device, to wherever the router computes (:meth:`on`): with ``device_map`` and offloading, a
     router's parameters may sit on ``meta`` between calls, so nothing is placed at bind time."""
@@ -143,7 +143,7 @@ class _Entry:
     rows: Rows | None
 
 
-def bind(model: nn.Module, spec: Intervention) -> list[_LayerPlan]:
+def bind(model: nn.Module, spec: Intervention) -> list[LayerPlan]:
     """Check ``spec`` against ``model`` and compile it per MoE layer (raises :class:`SpecError`)."""
     return _bind(model, [_Entry(spec, None)])
 
@@ -156,7 +156,7 @@ def _rows(rows: slice | None) -> Rows | None:
     return (rows.start or 0, rows.stop)
 
 
-def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
+def _bind(model: nn.Module, entries: list[_Entry]) -> list[LayerPlan]:
     """Compile the union of ``entries`` per MoE layer.
 
     Parts are grouped by the tokens they cover (token scope x row range). A token in several
@@ -194,7 +194,7 @@ def _bind(model: nn.Module, entries: list[_Entry]) -> list[_LayerPlan]:
             for members in _combinations(groups)
         )
         plans.append(
-            _LayerPlan(
+            LayerPlan(
                 layer=layer,
                 rule=rule,
                 reading=reading,
@@ -354,7 +354,7 @@ def _group_mask(group: _Group, tokens: StepTokens) -> torch.Tensor:
     return mask.reshape(-1)
 
 
-def reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+def reroute(plan: LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices) [T, K] of the router's ``logits`` [T, E] under the plan, empty slots
     filled (:func:`fill_empty_slots`); tokens outside every group route as the family does.
     ``step`` is needed only by token- or row-scoped plans."""
@@ -362,7 +362,7 @@ def reroute(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> 
     return fill_empty_slots(weights, indices, plan.layer.num_experts)
 
 
-def _routed(plan: _LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _routed(plan: LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     from moelens.kernels.routing import route
@@ -467,7 +467,7 @@ def _pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int, num_exp
 class _Rerouting:
     """The compiled plans of the active specs: the model sites' rewriter (:class:`moelens.hooks.sites.Rewriter`)."""
 
-    plans: dict[int, _LayerPlan]  # MoE layer index -> its plan
+    plans: dict[int, LayerPlan]  # MoE layer index -> its plan
 
     @property
     def layers(self) -> frozenset[int]:
@@ -503,7 +503,7 @@ class _Session:
         self.entries = [e for e in self.entries if e is not entry]
         self._install(_bind(self.model, self.entries) if self.entries else [])
 
-    def _install(self, plans: list[_LayerPlan]) -> None:
+    def _install(self, plans: list[LayerPlan]) -> None:
         sites_of(self.model).rewrite(_Rerouting({plan.layer.index: plan for plan in plans}) if plans else None)
 
 
@@ -536,15 +536,3 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
     finally:
         session.pop(entry)
 
-
-def fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Point empty slots (index E) at the token's first expert with weight 0.
-
-    transformers' experts implementations skip the sentinel index E only under expert parallelism
-    (grouped_mm with biases indexes out of bounds otherwise); a repeated expert with weight 0
-    adds exactly nothing, and the tracer drops such repeats.
-    """
-    import torch
-
-    empty = indices >= num_experts
-    return torch.where(empty, 0.0, weights), torch.where(empty, indices[:, :1], indices)
