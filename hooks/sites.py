@@ -96,6 +96,7 @@ class RoutingSites:
 
     @property
     def model(self) -> nn.Module:
+        """The model (raises ``ReferenceError`` once it no longer exists)."""
         return alive(self._model)
 
     @contextmanager

@@ -108,6 +108,7 @@ class LayerPlan:
 
     @property
     def needs_steps(self) -> bool:
+        """Whether routing needs the step's tokens: some part covers only some tokens or rows."""
         return not all(group.universal for group in self.groups)
 
     def on(self, device: torch.device) -> _Placed:
