@@ -19,12 +19,13 @@ is appended). Where the experts take no routing (Llama 4's dense scores), the sa
 the router's output. Hooks exist only while a client is attached, on the layers that need them,
 and are removed when the last one leaves: a model with nothing attached carries no moelens hook.
 
-During :meth:`RoutingSites.probing` (moelens' own forward pass, e.g. the routing check), steps are
-not reported and nothing is rewritten: clients see only the user's forward calls.
+During :meth:`RoutingSites.probing` (moelens' own forward pass, e.g. the routing check), nothing
+is reported and nothing is rewritten in that thread: clients see only the user's forward calls.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,17 +83,31 @@ class Rewriter(Protocol):
         ...
 
 
+class _ThreadState(threading.local):
+    """What one thread's forward call is doing: hooks run in the thread that calls the model, and
+    a notebook may run a widget's generate in a worker thread while the kernel runs its own."""
+
+    def __init__(self) -> None:
+        self.probing = 0  # depth of probing() blocks in this thread
+        self.tokens: StepTokens | None = None  # the current step's, while the stack's forward runs
+        self.last_tokens: StepTokens | None = None  # the last step's: a checkpointed layer recomputed in backward runs after it
+        self.logits: dict[int, torch.Tensor] = {}  # layer -> the router's last logits, until its experts run
+
+
 class RoutingSites:
-    """The hooks moelens holds on one model (see the module docstring); get it with :func:`sites_of`."""
+    """The hooks moelens holds on one model (see the module docstring); get it with :func:`sites_of`.
+
+    Attaching or detaching a client adds or removes only the hooks that change, under a lock: a
+    forward call running meanwhile (in another thread) keeps its hooks and its step.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)  # weak: the sites are the value of a dict keyed weakly on the model
-        self._observers: list[RoutingObserver] = []
+        self._observers: tuple[RoutingObserver, ...] = ()  # replaced, never mutated: hooks iterate a snapshot
         self._rewriter: Rewriter | None = None
-        self._handles: list[Any] = []
-        self._tokens: StepTokens | None = None  # the current step's, while the stack's forward runs
-        self._logits: dict[int, torch.Tensor] = {}  # layer -> the router's last logits, until its experts run
-        self._probing = False
+        self._handles: dict[tuple[str, int], Any] = {}  # (hook kind, MoE layer index or -1 for the stack) -> handle
+        self._lock = threading.RLock()
+        self._thread = _ThreadState()
 
     @property
     def model(self) -> nn.Module:
@@ -102,93 +117,112 @@ class RoutingSites:
     @contextmanager
     def observing(self, observer: RoutingObserver) -> Iterator[None]:
         """Tell ``observer`` about every step while the block runs."""
-        if any(o is observer for o in self._observers):
-            raise ValueError("this observer is already attached to the model")
-        self._observers.append(observer)
+        with self._lock:
+            if any(o is observer for o in self._observers):
+                raise ValueError("this observer is already attached to the model")
+            self._observers = (*self._observers, observer)
+            try:
+                self._reinstall()
+            except BaseException:
+                self._observers = tuple(o for o in self._observers if o is not observer)
+                self._reinstall()
+                raise
         try:
-            self._reinstall()
             yield
         finally:
-            self._observers = [o for o in self._observers if o is not observer]
-            self._reinstall()
+            with self._lock:
+                self._observers = tuple(o for o in self._observers if o is not observer)
+                self._reinstall()
 
     def rewrite(self, rewriter: Rewriter | None) -> None:
         """Make ``rewriter`` the model's one rewriter (``None``: rewrite nothing)."""
-        self._rewriter = rewriter
-        self._reinstall()
+        with self._lock:
+            self._rewriter = rewriter
+            self._reinstall()
 
     @contextmanager
     def probing(self) -> Iterator[None]:
-        """A forward pass of moelens' own: no step is reported and nothing is rewritten."""
-        self._probing = True
+        """A forward pass of moelens' own, in this thread: no step or routing is reported and
+        nothing is rewritten (other threads' forward calls are unaffected)."""
+        self._thread.probing += 1
         try:
             yield
         finally:
-            self._probing = False
+            self._thread.probing -= 1
 
     # --- installation ----------------------------------------------------------------------
     def _reinstall(self) -> None:
-        self._remove_hooks()
+        """Make the installed hooks exactly those the clients need (called under the lock)."""
+        wanted = self._wanted()
+        for key in [key for key in self._handles if key not in wanted]:
+            self._handles.pop(key).remove()
+        try:
+            for key, register in wanted.items():
+                if key not in self._handles:
+                    self._handles[key] = register()
+        except BaseException:
+            for handle in self._handles.values():
+                handle.remove()
+            self._handles = {}
+            raise
+        if not self._handles:  # nothing attached: no step can be running under moelens' hooks
+            self._thread = _ThreadState()
+
+    def _wanted(self) -> dict[tuple[str, int], Callable[[], Any]]:
+        """The hooks the current clients need, by key, each with how to register it. Rewrites are
+        prepended (they run before any other hook of the module), observers appended."""
         rewriter, observers = self._rewriter, bool(self._observers)
         rewritten = rewriter.layers if rewriter is not None else frozenset()
         if not observers and not rewritten:
-            return
+            return {}
         view = moe_view(self.model)
-        try:
-            if observers or (rewriter is not None and rewriter.needs_steps):
-                # prepended: a rewrite reads the tokens before any other pre-hook of the stack runs
-                self._hook(view.stack.register_forward_pre_hook(self._begin_step, with_kwargs=True, prepend=True))
-                self._hook(view.stack.register_forward_hook(self._end_step, always_call=True))
-            for layer in view.layers:
-                steered = layer.index in rewritten
-                if layer.dense_scores:  # the routing is in the router's output
-                    if steered:
-                        self._hook(layer.router.register_forward_hook(self._rescore_hook(layer), prepend=True))
-                    if observers:
-                        self._hook(layer.router.register_forward_hook(self._dense_observer(layer)))
-                    continue
-                if steered or observers:
-                    self._hook(layer.router.register_forward_hook(self._logits_keeper(layer)))
+        stack = view.stack
+        wanted: dict[tuple[str, int], Callable[[], Any]] = {}
+        if observers or (rewriter is not None and rewriter.needs_steps):
+            wanted[("begin step", -1)] = lambda: stack.register_forward_pre_hook(self._begin_step, with_kwargs=True)
+            wanted[("end step", -1)] = lambda: stack.register_forward_hook(self._end_step, always_call=True)
+        for layer in view.layers:
+            steered, i = layer.index in rewritten, layer.index
+            router, experts = layer.router, layer.experts
+            if layer.dense_scores:  # the routing is in the router's output
                 if steered:
-                    self._hook(layer.experts.register_forward_pre_hook(self._reroute_hook(layer), with_kwargs=True, prepend=True))
+                    wanted[("rescore", i)] = lambda r=router, h=self._rescore_hook(layer): r.register_forward_hook(h, prepend=True)
                 if observers:
-                    self._hook(layer.experts.register_forward_pre_hook(self._experts_observer(layer), with_kwargs=True))
-        except BaseException:
-            self._remove_hooks()
-            raise
-
-    def _hook(self, handle: Any) -> None:
-        self._handles.append(handle)
-
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        self._tokens, self._logits = None, {}
-        for handle in handles:
-            handle.remove()
+                    wanted[("observe dense", i)] = lambda r=router, h=self._dense_observer(layer): r.register_forward_hook(h)
+                continue
+            if steered or observers:
+                wanted[("keep logits", i)] = lambda r=router, h=self._logits_keeper(layer): r.register_forward_hook(h)
+            if steered:
+                wanted[("reroute", i)] = lambda e=experts, h=self._reroute_hook(layer): e.register_forward_pre_hook(h, with_kwargs=True, prepend=True)
+            if observers:
+                wanted[("observe experts", i)] = lambda e=experts, h=self._experts_observer(layer): e.register_forward_pre_hook(h, with_kwargs=True)
+        return wanted
 
     # --- the stack: one step per forward call ------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._probing:
+        thread = self._thread
+        if thread.probing:
             return
-        self._tokens = StepTokens.from_call(args, kwargs)
-        for observer in list(self._observers):
-            observer.begin_step(self._tokens)
+        thread.tokens = thread.last_tokens = StepTokens.from_call(args, kwargs)
+        for observer in self._observers:
+            observer.begin_step(thread.tokens)
 
     def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._probing or self._tokens is None:
+        thread = self._thread
+        if thread.probing or thread.tokens is None:
             return
-        self._tokens = None
-        for observer in list(self._observers):
+        thread.tokens = None
+        for observer in self._observers:
             observer.end_step()
 
     # --- routers and experts ----------------------------------------------------------------
     def _report(self, layer: MoeLayer, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-        for observer in list(self._observers):
+        for observer in self._observers:
             observer.routed(layer, logits, index, weights)
 
     def _logits_keeper(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self._logits[layer.index] = router_logits(output, layer)
+            self._thread.logits[layer.index] = router_logits(output, layer)
 
         return hook
 
@@ -204,7 +238,8 @@ class RoutingSites:
                 f"layer {layer.index}: {type(module).__name__} was called without (top_k_index, top_k_weights); "
                 "moelens reads (and replaces) the routing from those arguments"
             )
-        logits = self._logits.pop(layer.index, None) if consume else self._logits.get(layer.index)
+        kept = self._thread.logits
+        logits = kept.pop(layer.index, None) if consume else kept.get(layer.index)
         if logits is None:
             raise UnsupportedModelError(
                 f"layer {layer.index}: the experts ran but the router {type(layer.router).__name__} did not; the block's "
@@ -212,18 +247,28 @@ class RoutingSites:
             )
         return logits, *routing
 
+    def _step_tokens(self) -> StepTokens | None:
+        """The tokens a rewrite covers: the running step's, else the last one's (gradient
+        checkpointing recomputes layers in backward, after the stack's forward has ended)."""
+        thread = self._thread
+        return thread.tokens if thread.tokens is not None else thread.last_tokens
+
     def _reroute_hook(self, layer: MoeLayer) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if self._probing or self._rewriter is None:
+            rewriter = self._rewriter
+            if self._thread.probing or rewriter is None:
                 return None
             logits, _, weights = self._routing(layer, module, args, kwargs, consume=not self._observers)
-            new_weights, new_index = self._rewriter.reroute(layer, logits, self._tokens)
+            new_weights, new_index = rewriter.reroute(layer, logits, self._step_tokens())
             return with_experts_routing(args, kwargs, new_index, new_weights.to(weights.dtype))
 
         return hook
 
     def _experts_observer(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._thread.probing:
+                self._thread.logits.pop(layer.index, None)
+                return
             logits, index, weights = self._routing(layer, module, args, kwargs, consume=True)
             self._report(layer, logits, index, weights)
 
@@ -233,16 +278,18 @@ class RoutingSites:
         """Dense-score routers (Llama 4): replace the score matrix the block applies to the experts."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if self._probing or self._rewriter is None:
+            rewriter = self._rewriter
+            if self._thread.probing or rewriter is None:
                 return None
-            weights, index = self._rewriter.reroute(layer, router_logits(output, layer), self._tokens)
+            weights, index = rewriter.reroute(layer, router_logits(output, layer), self._step_tokens())
             return with_dense_routing(output, index, weights)
 
         return hook
 
     def _dense_observer(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self._report(layer, router_logits(output, layer), *dense_routing(output, layer))
+            if not self._thread.probing:
+                self._report(layer, router_logits(output, layer), *dense_routing(output, layer))
 
         return hook
 

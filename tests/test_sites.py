@@ -10,7 +10,7 @@ import torch
 import moelens
 from moelens.hooks import routing_check
 from moelens.hooks.adapters import moe_view
-from moelens.interventions import disable, intervene, top_k
+from moelens.interventions import disable, intervene, rank, top_k
 from tests.conftest import PROMPTS
 
 
@@ -90,3 +90,82 @@ def test_experts_run_without_their_router_is_an_error():
     weights = torch.full((3, layer.top_k), 1.0 / layer.top_k)
     with pytest.raises(moelens.UnsupportedModelError, match=f"layer {layer.index}: the experts ran but the router"), moelens.trace(model):
         layer.experts(hidden, index, weights)
+
+
+def _mid_forward(model, action):
+    """A forward hook on the first MoE block that runs ``action()`` once, between layers of the
+    next forward call: what a notebook cell does while a widget's worker thread runs generate."""
+    block = moe_view(model).layers[0].block
+    state = {"done": False}
+
+    def hook(module, args, output):
+        if not state["done"]:
+            state["done"] = True
+            action()
+
+    return block.register_forward_hook(hook)
+
+
+def test_attaching_a_client_mid_forward_keeps_the_running_step():
+    model, tokenizer = moelens.load("tiny:mixtral")
+    clean = _routes(model, tokenizer, PROMPTS)
+    assert len(clean) > 0
+    inner = moelens.trace(model)
+    handle = _mid_forward(model, inner.__enter__)
+    try:
+        with torch.no_grad(), moelens.trace(model) as outer:
+            model(**tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    finally:
+        handle.remove()
+        inner.__exit__(ValueError, None, None)  # it saw half a step: leave it without reading it
+    assert outer.routes.equals(clean)
+
+
+def test_a_routing_check_during_a_traced_forward_is_not_recorded():
+    model, tokenizer = moelens.load("tiny:mixtral")
+    clean = _routes(model, tokenizer, PROMPTS)
+    rule = routing_check.routing_check(model).layers[moe_view(model).layers[0].index].rule
+    problems = []
+    handle = _mid_forward(model, lambda: problems.append(check_problem(model, rule)))
+    try:
+        with torch.no_grad(), moelens.trace(model) as traced:
+            model(**tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    finally:
+        handle.remove()
+    assert problems == [None]
+    assert traced.routes.equals(clean)
+
+
+def test_a_scoped_intervention_steers_layers_recomputed_in_backward():
+    """Gradient checkpointing reruns each layer's forward during backward, after the stack's
+    forward has ended: the rewrite uses that step's tokens, so gradients equal those without
+    checkpointing."""
+    model, tokenizer = moelens.load("tiny:mixtral")
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    spec = disable({layer.index: [0] for layer in moe_view(model).layers}, tokens="prompt")
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        try:
+            with intervene(model, spec):
+                model(**batch, labels=batch["input_ids"]).loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        finally:
+            model.activation_checkpointing_disable()
+            model.eval()
+            model.zero_grad()
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_a_rank_that_a_token_may_not_have_is_refused():
+    model, _ = moelens.load("tiny:mixtral")
+    layer = moe_view(model).layers[0]
+    with pytest.raises(moelens.SpecError, match=f"rank {layer.num_experts - 1} in layer {layer.index} needs"):
+        with intervene(model, rank(layer.num_experts - 1) + disable({layer.index: [0, 1]})):
+            pass
+    with intervene(model, rank(layer.num_experts - 3) + disable({layer.index: [0, 1]})):
+        pass  # the last rank every token still has

@@ -308,6 +308,16 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
             f"layer {index}: disabling/keeping leaves {remaining} of {num_experts} experts, fewer than top-k = {rule.top_k}; "
             "keep at least top-k experts (or use mode='drop')"
         )
+    if "rank" in settings:
+        # a token with fewer eligible experts than rank + 1 would get no expert at all: its one slot empty
+        open_experts = rule.topk_group * (num_experts // rule.n_group) if rule.n_group > 1 else num_experts
+        fewest = open_experts - int(disable.sum())
+        if settings["rank"] >= fewest:
+            raise SpecError(
+                f"rank: rank {settings['rank']} in layer {index} needs {settings['rank'] + 1} eligible experts per token, "
+                f"but a token may have as few as {fewest} ({open_experts} experts open to it, {int(disable.sum())} disabled); "
+                f"use a rank below {fewest} (rank counts from 0)"
+            )
     both = (force & (disable | drop)).nonzero().flatten().tolist()
     if both:
         raise SpecError(f"layer {index}: expert {both[0]} is both forced and disabled")
@@ -375,7 +385,12 @@ def _routed(plan: LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> t
         (variant,) = placed.variants
         weights, indices = route(logits, variant.rule, correction_bias=bias, controls=variant.controls)
         return scaled_by_expert(weights, indices, placed.expert_scale), indices
-    assert step is not None, "token- or row-scoped interventions need the step bookkeeping hook"
+    if step is None:
+        raise SpecError(
+            f"layer {plan.layer.index}: a token- or row-scoped intervention needs the step's tokens, but the layer ran "
+            "outside a forward call of the model's decoder stack (a block called directly); call the model, or "
+            "apply the intervention to all tokens (tokens='all', no rows=)"
+        )
     segments = _row_segments(plan.groups, step)
     if segments is not None:  # every token routed once, under the controls of its row segment
         variants = {variant.members: variant for variant in placed.variants}
@@ -498,11 +513,26 @@ class _Session:
     def push(self, entry: _Entry) -> None:
         plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
         self.entries.append(entry)
-        self._install(plans)
+        try:
+            self._install(plans)
+        except BaseException:
+            self.pop(entry)
+            raise
 
     def pop(self, entry: _Entry) -> None:
         self.entries = [e for e in self.entries if e is not entry]
-        self._install(_bind(self.model, self.entries) if self.entries else [])
+        try:
+            plans = _bind(self.model, self.entries) if self.entries else []
+        except SpecError as error:
+            # the model changed inside the blocks (e.g. its routers were trained): what is left no
+            # longer binds. Nothing may stay steered by the leaving block, so every block ends here.
+            self.entries = []
+            self._install([])
+            raise SpecError(
+                f"leaving an intervene block: the interventions still active no longer fit the model ({error}); "
+                "all intervene blocks on this model are now inactive"
+            ) from error
+        self._install(plans)
 
     def _install(self, plans: list[LayerPlan]) -> None:
         sites_of(self.model).rewrite(_Rerouting({plan.layer.index: plan for plan in plans}) if plans else None)
