@@ -18,6 +18,7 @@ from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_s
 MODE_TOP_K: tl.constexpr = tl.constexpr(0)
 MODE_TOP_P: tl.constexpr = tl.constexpr(1)
 MODE_RANK: tl.constexpr = tl.constexpr(2)
+MAX_UNROLLED_SLOTS = 16
 TILE_ELEMENTS = 4096  # BLOCK_T * BLOCK_E: keeps a program's tiles within registers for E up to 512
 
 
@@ -41,7 +42,7 @@ def _routing_kernel(
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     MODE: tl.constexpr, MULTIPLIER_RENORMALIZE: tl.constexpr, DROP_RENORMALIZE: tl.constexpr,
     K_OUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_G: tl.constexpr, SLOT_UNROLL: tl.constexpr,
 ):
     neg_inf = float("-inf")
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -128,7 +129,8 @@ def _routing_kernel(
         mass_before = tl.zeros([BLOCK_T], tl.float32)
     picked_value = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)  # selected score, or logit before scoring
     picked = tl.full([BLOCK_T, BLOCK_K], BLOCK_E, tl.int32)
-    for j in range(K_OUT):  # a loop, not unrolled: K_OUT reaches E under uncapped top-p
+    # unrolled for the few slots of top-k; a loop when K_OUT reaches E (uncapped top-p: 256 unrolled rounds do not compile)
+    for j in tl.range(K_OUT, loop_unroll_factor=SLOT_UNROLL):
         free_slot = (j < n_free)[:, None]
         candidates = tl.where(free_slot, eligible & ~forced, forced) & ~taken
         pick = _pick(tl.where(free_slot, choice, forced_key), candidates, cols, BLOCK_E)
@@ -252,9 +254,14 @@ def route_triton(
         MODE=mode, MULTIPLIER_RENORMALIZE=bool(multiplier and multiplier.renormalize),
         DROP_RENORMALIZE=bool(drop and drop.renormalize),
         K_OUT=k_out, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k_out),
-        BLOCK_G=triton.next_power_of_2(rule.n_group),
+        BLOCK_G=triton.next_power_of_2(rule.n_group), SLOT_UNROLL=slot_unroll(k_out),
     )
     return weights, indices
+
+
+def slot_unroll(k_out: int) -> int:
+    """How far the kernel unrolls its slot loop: fully for up to MAX_UNROLLED_SLOTS slots, not at all beyond."""
+    return k_out if k_out <= MAX_UNROLLED_SLOTS else 1
 
 
 def _floats(v: Tensor | None) -> Tensor | None:

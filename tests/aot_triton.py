@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moelens.kernels.triton_routing import MODE_RANK, MODE_TOP_K, MODE_TOP_P, _routing_kernel  # noqa: E402
+from moelens.kernels.triton_routing import MODE_RANK, MODE_TOP_K, MODE_TOP_P, _routing_kernel, slot_unroll  # noqa: E402
 
 POINTERS = {
     "logits_ptr": "*bf16", "weights_ptr": "*fp32", "indices_ptr": "*i64",
@@ -43,6 +43,7 @@ def compile_variant(overrides: dict[str, object], absent: tuple[str, ...]) -> st
     """The PTX ``.target`` line of the kernel compiled for sm_90 with these constexprs."""
     names = _routing_kernel.arg_names
     constants = {**BASE, **overrides, **{name: None for name in absent}}
+    constants["SLOT_UNROLL"] = slot_unroll(int(constants["K_OUT"]))
     signature = {
         name: "constexpr" if name in constants else POINTERS.get(name) or ("fp32" if name in FLOATS else "i32")
         for name in names
