@@ -60,8 +60,9 @@ class RoutingObserver:
         expert), and its experts received ``index`` / ``weights`` [T, k] (after any rewrite).
         Also called for layers run outside a step (a block called directly)."""
 
-    def end_step(self) -> None:
-        """The forward call of the decoder stack ended (also when it raised)."""
+    def end_step(self, completed: bool) -> None:
+        """The forward call of the decoder stack ended; ``completed`` is False when it raised (the
+        step is partial, and the error is on its way to the caller)."""
 
 
 class Rewriter(Protocol):
@@ -213,7 +214,7 @@ class RoutingSites:
             return
         thread.tokens = None
         for observer in self._observers:
-            observer.end_step()
+            observer.end_step(completed=output is not None)  # torch passes None when the forward raised
 
     # --- routers and experts ----------------------------------------------------------------
     def _report(self, layer: MoeLayer, logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:

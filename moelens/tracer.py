@@ -196,9 +196,9 @@ class Tracer(Trace, RoutingObserver):
             return
         step.routing[layer.index] = (logits.detach(), index.detach(), weights.detach())
 
-    def end_step(self) -> None:
+    def end_step(self, completed: bool) -> None:
         step, self._current = self._current, None
-        if step is None:
+        if step is None or not completed:  # a forward that raised recorded a partial step: drop it
             return
         missing = [i for i in self._layer_ids if i not in step.routing]
         if missing:
