@@ -318,14 +318,16 @@ def _infer_layer(seen: _Observed, candidates: list[tuple[RoutingRule, RouterRead
 
 def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRule, RouterReading]]:
     """Rules to try with how to read the router, the config's own reading first."""
-    from moelens.kernels.routing import RoutingRule
+    from moelens.kernels.routing import SCORES, RoutingRule
 
     values = {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
     num_experts = observed[0].layer.num_experts
-    has_bias = observed[0].correction_bias is not None
-    named_score = next((v for v in values.values() if v in ("softmax", "sigmoid")), None)
+    # any layer's: some families' first layers route otherwise (DeepSeek-V4's hash-routed layers carry no bias)
+    has_bias = any(seen.correction_bias is not None for seen in observed)
+    has_scale = any(seen.expert_scale is not None for seen in observed)
+    named_score = next((v for v in values.values() if v in SCORES), None)
     first_score = named_score or ("sigmoid" if has_bias else "softmax")
-    scores = [first_score, "softmax" if first_score == "sigmoid" else "sigmoid"]
+    scores = [first_score, *(score for score in ("softmax", "sigmoid") if score != first_score)]
     renormalize = next(
         (bool(v) for k, v in values.items() if isinstance(v, bool) and ("norm_topk" in k or "renormalize" in k)), False
     )
@@ -338,7 +340,7 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
     topk_group = next((int(v) for k, v in values.items() if k in ("topk_group", "moe_topk_group") and v), 1)
     groups: list[tuple[int, int, str]] = []
     if n_group > 1 and num_experts % n_group == 0 and topk_group < n_group:
-        order = ["top2_sum", "max"] if first_score == "sigmoid" else ["max", "top2_sum"]
+        order = ["max", "top2_sum"] if first_score == "softmax" else ["top2_sum", "max"]
         groups = [(n_group, topk_group, how) for how in order]
     groups.append((1, 1, "max"))
     top_k = int(observed[0].index.shape[1])
@@ -350,7 +352,7 @@ def _candidates(config: Any, observed: list[_Observed]) -> list[tuple[RoutingRul
         groups,
         (True, False) if has_bias else (False,),
         (False, True),  # probabilities
-        (True, False) if observed[0].expert_scale is not None else (False,),
+        (True, False) if has_scale else (False,),
     )
     return [
         (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, top_p_cap
+from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, score_of, top_p_cap
 
 NEG_INF = float("-inf")
 
@@ -50,7 +50,7 @@ def _route_all_tokens(
     x = x.masked_fill(disabled, NEG_INF)
 
     # 2. Scores and choice scores.
-    full_scores = torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
+    full_scores = score_of(x, rule.score)
     if rule.select_before_score:  # the bias steers the choice; weights score the selected raw logits
         choice = x if correction_bias is None else x + correction_bias.float()
     else:
@@ -97,15 +97,11 @@ def _route_all_tokens(
     else:
         if rule.select_before_score:
             selected_logits = _gather(x, indices, NEG_INF)
-            if rule.score == "softmax":
-                weights = torch.softmax(selected_logits, dim=-1)
-            else:
-                weights = torch.sigmoid(selected_logits)
-            weights = weights.masked_fill(empty, 0.0)
+            weights = score_of(selected_logits, rule.score).masked_fill(empty, 0.0)
         else:
             weights = _gather(full_scores, indices, 0.0)
-        if top_p is not None and rule.score == "sigmoid":
-            # sigmoid scores are not probabilities: under top-p a weight is the expert's share of the
+        if top_p is not None and rule.score != "softmax":
+            # per-expert scores are not probabilities: under top-p a weight is the expert's share of the
             # eligible score mass (what the prefix was measured in), on the family's scale
             weights = weights / full_scores.masked_fill(choice == NEG_INF, 0.0).sum(dim=-1, keepdim=True)
         renormalize = top_p.renormalize if top_p is not None else rule.renormalize

@@ -2,7 +2,7 @@
 
 Pipeline (per token):
     logits -> (+ logit_bias, disabled experts -> -inf)
-           -> scores: softmax | sigmoid over all experts      (skipped by select_before_score rules)
+           -> scores: softmax over all experts | sigmoid | sqrt(softplus) per expert   (skipped by select_before_score rules)
            -> choice = scores (+ correction_bias)             (select_before_score rules: logits (+ correction_bias))
            -> group-limited selection (n_group > 1): experts outside the best topk_group groups leave the choice
            -> select (controls.select): TopKSelect (forced experts take the last slots) | TopPSelect prefix
@@ -32,6 +32,18 @@ import torch
 from torch import Tensor
 
 Impl = Literal["auto", "reference", "torch", "triton"]
+# softmax over a token's experts; or per expert: sigmoid, or sqrt(softplus) (DeepSeek-V4's "sqrtsoftplus")
+Score = Literal["softmax", "sigmoid", "sqrtsoftplus"]
+SCORES: tuple[Score, ...] = ("softmax", "sigmoid", "sqrtsoftplus")
+
+
+def score_of(x: Tensor, score: Score) -> Tensor:
+    """[T, E] float32 scores of logits ``x`` [T, E] (float32; -inf for excluded experts gives 0)."""
+    if score == "softmax":
+        return torch.softmax(x, dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(x)
+    return torch.sqrt(torch.nn.functional.softplus(x))
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class RoutingRule:
     :mod:`moelens.hooks.routing_check`."""
 
     top_k: int
-    score: Literal["softmax", "sigmoid"]
+    score: Score
     select_before_score: bool = False  # GPT-OSS, Granite, Llama-4, Kolibri: top-k over raw logits (+ bias), then score the k
     renormalize: bool = False  # divide the selected weights by their sum (+1e-20, DeepSeek-V3's guard)
     scaling: float = 1.0  # DeepSeek routed_scaling_factor
@@ -65,8 +77,8 @@ class TopPSelect:
     """Select per token the smallest choice-ordered prefix whose normalised-score mass exceeds ``p`` (Dynamic-MoE).
 
     p: in (0, 1]; 1 keeps every eligible expert. max_k: cap on the prefix length in [1, E]; None = no cap (every
-    expert, as in the paper). Weights are softmax probabilities or, for sigmoid rules, each expert's share of the
-    eligible sigmoid mass. renormalize: replaces rule.renormalize for these tokens (False: raw probabilities, the
+    expert, as in the paper). Weights are softmax probabilities or, for per-expert scores (sigmoid, sqrt(softplus)),
+    each expert's share of the eligible score mass. renormalize: replaces rule.renormalize for these tokens (False: raw probabilities, the
     paper's).
     """
 
@@ -193,7 +205,7 @@ def choice_scores(logits: Tensor, rule: RoutingRule, correction_bias: Tensor | N
     x = logits.float()
     if rule.select_before_score:
         return x if correction_bias is None else x + correction_bias.float()
-    scores = torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
+    scores = score_of(x, rule.score)
     return scores if correction_bias is None else scores + correction_bias.float()
 
 
@@ -299,7 +311,7 @@ def _check_part(name: str, value: object, kinds: tuple[type, ...]) -> None:
 def _validate_rule(rule: RoutingRule, num_experts: int) -> None:
     if not 1 <= rule.top_k <= num_experts:
         raise ValueError(f"rule.top_k={rule.top_k} is outside [1, {num_experts}] (the number of experts)")
-    if rule.score not in ("softmax", "sigmoid") or rule.group_score not in ("max", "top2_sum"):
+    if rule.score not in SCORES or rule.group_score not in ("max", "top2_sum"):
         raise ValueError(f"rule has an unknown score {rule.score!r} or group_score {rule.group_score!r}")
     if rule.n_group < 1 or num_experts % rule.n_group:
         raise ValueError(f"rule.n_group={rule.n_group} must be >= 1 and divide the {num_experts} experts")

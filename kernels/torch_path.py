@@ -1,7 +1,7 @@
 """The fast CPU routing path: the contract of `routing.route` in as few passes over [T, E] as torch allows.
 
 Where it saves work over the reference (and over the families' own routers):
-- For softmax and sigmoid rules without correction bias or groups, the score function is monotone, so
+- For rules without correction bias or groups, the score function is monotone (softmax, sigmoid, sqrt(softplus)), so
   top-k runs on the logits and the [T, E] score tensor is never written: renormalised softmax weights are a
   softmax over the k selected logits, raw ones exp(logit - logsumexp). (Ties created by rounding the
   probabilities are the only case where this could order experts differently; torch.topk leaves their order
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, top_p_cap
+from .routing import RankSelect, RoutingControls, RoutingRule, TopPSelect, num_slots, score_of, top_p_cap
 
 NEG_INF = float("-inf")
 _NO_CONTROLS = RoutingControls()
@@ -163,15 +163,15 @@ def _route(
             weights = scores.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, 0.0)
         else:
             weights = scores.gather(1, indices)
-    elif rule.score == "sigmoid":
-        weights = torch.sigmoid(picked)
+    elif rule.score != "softmax":
+        weights = score_of(picked, rule.score)
     elif rule.select_before_score or renormalize:
         weights = _softmax_over_slots(picked)  # GPT-OSS's weights, or the renormalised top-k probabilities
         renormalize = False
     else:
         weights = torch.exp(picked - torch.logsumexp(x, dim=-1, keepdim=True))
-    if eligible_mass is not None and rule.score == "sigmoid":
-        weights = weights / eligible_mass  # a sigmoid weight under top-p: its share of the eligible mass
+    if eligible_mass is not None and rule.score != "softmax":
+        weights = weights / eligible_mass  # a per-expert score under top-p: its share of the eligible mass
     if renormalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
     if rule.scaling != 1.0:
@@ -201,7 +201,7 @@ def _softmax_over_slots(t: Tensor) -> Tensor:
 
 
 def _score(x: Tensor, rule: RoutingRule) -> Tensor:
-    return torch.softmax(x, dim=-1) if rule.score == "softmax" else torch.sigmoid(x)
+    return score_of(x, rule.score)
 
 
 def _limit_to_best_groups(choice: Tensor, rule: RoutingRule, *, has_ineligible: bool) -> Tensor:

@@ -37,7 +37,7 @@ def _routing_kernel(
     token_mask_ptr,  # [T] uint8 or None
     weights_ptr, indices_ptr,  # [T, K_OUT] float32 / int64, contiguous
     num_tokens, num_experts, top_k, num_forced, slots_on, rank, scaling, top_p,
-    SOFTMAX: tl.constexpr, SELECT_BEFORE_SCORE: tl.constexpr,
+    SOFTMAX: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SELECT_BEFORE_SCORE: tl.constexpr,  # else sigmoid
     RENORMALIZE: tl.constexpr, RENORMALIZE_ON: tl.constexpr,  # for tokens without / with controls
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr,
     MODE: tl.constexpr, MULTIPLIER_RENORMALIZE: tl.constexpr, DROP_RENORMALIZE: tl.constexpr,
@@ -72,7 +72,7 @@ def _routing_kernel(
         e = tl.exp(x - tl.max(x, axis=1)[:, None])
         scores = e / tl.sum(e, axis=1)[:, None]
     else:
-        scores = tl.sigmoid(x)
+        scores = _per_expert_score(x, SQRT_SOFTPLUS)
     if SELECT_BEFORE_SCORE:  # the bias steers the choice; weights score the selected raw logits
         choice = x
         if correction_bias_ptr is not None:
@@ -156,11 +156,11 @@ def _routing_kernel(
             e = tl.where(filled, tl.exp(v - tl.max(v, axis=1)[:, None]), 0.0)
             weights = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]
         else:
-            weights = tl.where(filled, tl.sigmoid(picked_value), 0.0)
+            weights = tl.where(filled, _per_expert_score(picked_value, SQRT_SOFTPLUS), 0.0)
     else:
         weights = tl.where(filled, picked_value, 0.0)
     if MODE == MODE_TOP_P:
-        if not SOFTMAX:  # a sigmoid weight under top-p: its share of the eligible score mass
+        if not SOFTMAX:  # a per-expert score under top-p: its share of the eligible score mass
             weights = tl.where(on[:, None], weights / eligible_mass[:, None], weights)
     if RENORMALIZE or RENORMALIZE_ON:
         renormalized = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
@@ -191,6 +191,20 @@ def _routing_kernel(
     out_ok = row_ok[:, None] & (kcols < K_OUT)[None, :]
     tl.store(weights_ptr + out, weights, mask=out_ok)
     tl.store(indices_ptr + out, tl.where(filled, picked, num_experts).to(tl.int64), mask=out_ok)
+
+
+@triton.jit
+def _per_expert_score(x, SQRT_SOFTPLUS: tl.constexpr):
+    """sigmoid(x), or sqrt(softplus(x)) with softplus = log1p(e^x) as torch computes it (x past 20
+    taken as is); -inf gives 0. log1p(u) = log(w) * u / (w - 1) with w = 1 + u rounded (Goldberg):
+    accurate where log(1 + u) would lose the small u to rounding."""
+    if SQRT_SOFTPLUS:
+        u = tl.exp(tl.minimum(x, 20.0))
+        w = 1.0 + u
+        log1p = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+        return tl.sqrt(tl.where(x > 20.0, x, log1p))
+    else:
+        return tl.sigmoid(x)
 
 
 @triton.jit
@@ -246,7 +260,7 @@ def route_triton(
         weights, indices,
         num_tokens, num_experts, rule.top_k, int(c.force.sum()) if c.force is not None else 0,
         slots_on, rank, float(rule.scaling), float(top_p),
-        SOFTMAX=rule.score == "softmax", SELECT_BEFORE_SCORE=rule.select_before_score,
+        SOFTMAX=rule.score == "softmax", SQRT_SOFTPLUS=rule.score == "sqrtsoftplus", SELECT_BEFORE_SCORE=rule.select_before_score,
         RENORMALIZE=rule.renormalize,
         RENORMALIZE_ON=renormalize_on,
         N_GROUP=rule.n_group, GROUP_SIZE=num_experts // rule.n_group, TOPK_GROUP=rule.topk_group,

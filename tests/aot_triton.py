@@ -25,7 +25,7 @@ POINTERS = {
 }
 FLOATS = {"scaling", "top_p"}
 BASE = dict(
-    SOFTMAX=True, SELECT_BEFORE_SCORE=False, RENORMALIZE=True, RENORMALIZE_ON=True, N_GROUP=1, GROUP_SIZE=64,
+    SOFTMAX=True, SQRT_SOFTPLUS=False, SELECT_BEFORE_SCORE=False, RENORMALIZE=True, RENORMALIZE_ON=True, N_GROUP=1, GROUP_SIZE=64,
     TOPK_GROUP=1, GROUP_TOP2=False, MODE=MODE_TOP_K.value, MULTIPLIER_RENORMALIZE=False, DROP_RENORMALIZE=False,
     K_OUT=8, BLOCK_T=64, BLOCK_E=64, BLOCK_K=8, BLOCK_G=1,
 )
@@ -36,6 +36,7 @@ VARIANTS = [
     ("top-p over DeepSeek-V3 groups", dict(MODE=MODE_TOP_P.value, N_GROUP=8, GROUP_SIZE=32, TOPK_GROUP=4, GROUP_TOP2=True,
                                            SOFTMAX=False, K_OUT=256, BLOCK_E=256, BLOCK_K=256, BLOCK_G=8, BLOCK_T=16), ("force_ptr",)),
     ("rank, select before score", dict(MODE=MODE_RANK.value, SELECT_BEFORE_SCORE=True, K_OUT=1, BLOCK_K=1), ("token_mask_ptr",)),
+    ("DeepSeek-V4: sqrt(softplus), correction bias", dict(SOFTMAX=False, SQRT_SOFTPLUS=True), ("token_mask_ptr", "force_ptr")),
 ]
 
 

@@ -25,7 +25,7 @@ MODEL_TYPES = moe_model_types()
 
 # Families of transformers 5.24 that moelens traces but cannot steer yet, and why (the table's reasons say the same).
 NOT_STEERABLE = {
-    "deepseek_v4": "hash-routed first layers (token id -> experts); the others score with sqrt(softplus)",
+    "deepseek_v4": "hash-routed first layers (token id -> experts); its other layers are steered (test below)",
     "inkling_text": "the shared experts' scores join the routed experts' normalisation",
     "phimoe": "sparsemixer weights are not a top-k of softmax or sigmoid scores",
     "zaya": "an extra 'skip' class in the router's softmax",
@@ -213,6 +213,45 @@ def test_an_unreproducible_router_is_traced_but_not_steered():
     with pytest.raises(UnsupportedModelError, match="cannot steer layer 0: .*weights differ at layer 0"):
         with intervene(model, disable({0: [0]})):
             pass
+
+
+def test_deepseek_v4_steers_its_learned_layers_and_refuses_its_hash_layers():
+    """DeepSeek-V4: the first layers pick experts from a fixed token-id table, the others with
+    sqrt(softplus) scores plus a correction bias. Disabling an expert in a learned layer is checked
+    against the routing computed by hand from that router's logits and bias."""
+    model = build_tiny_model("deepseek_v4")
+    check = routing_check(model)
+    hashed = [i for i, kind in enumerate(model.config.mlp_layer_types) if kind == "hash_moe"]
+    learned = [layer for layer in moe_layers(model) if layer.index not in hashed]
+    assert hashed and learned and check.steerable_layers == [layer.index for layer in learned]
+    with pytest.raises(UnsupportedModelError, match=f"cannot steer layer {hashed[0]}"):
+        with intervene(model, disable({hashed[0]: [0]})):
+            pass
+    layer = learned[0]
+    batch = _batch(model)
+    with torch.no_grad(), moelens.trace(model) as plain:
+        model(**batch)
+    busiest = int(plain.routes.query("layer == @layer.index")["expert"].value_counts().index[0])
+    seen = {}
+    handles = [
+        layer.router.register_forward_hook(lambda m, a, out: seen.update(logits=out[0].float())),
+        layer.experts.register_forward_pre_hook(lambda m, a: seen.update(index=a[1], weights=a[2].float())),
+    ]
+    try:
+        with torch.no_grad(), intervene(model, disable({layer.index: [busiest]})):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = torch.sqrt(torch.nn.functional.softplus(seen["logits"]))  # [T, E]
+    choice = (scores + layer.router.e_score_correction_bias.float()).index_fill(1, torch.tensor([busiest]), float("-inf"))
+    index = choice.topk(layer.top_k, dim=-1).indices
+    weights = scores.gather(1, index)
+    weights = weights / weights.sum(dim=-1, keepdim=True) * model.config.routed_scaling_factor
+    got_order, want_order = seen["index"].argsort(dim=-1), index.argsort(dim=-1)
+    assert not (seen["index"] == busiest).any()
+    assert torch.equal(seen["index"].gather(1, got_order), index.gather(1, want_order))
+    torch.testing.assert_close(seen["weights"].gather(1, got_order), weights.gather(1, want_order))
 
 
 def test_coverage_of_the_installed_transformers():

@@ -65,11 +65,12 @@ def _family_rule(family: str, num_experts: int, top_k: int) -> RoutingRule:
         "gpt_oss": RoutingRule(top_k, "softmax", select_before_score=True),
         "llama4": RoutingRule(top_k, "sigmoid", select_before_score=True),
         "kolibri": RoutingRule(top_k, "sigmoid", select_before_score=True, renormalize=True),  # + a bias on the logits
+        "deepseek_v4": RoutingRule(top_k, "sqrtsoftplus", renormalize=True, scaling=1.5),  # + a correction bias
     }[family]
 
 
-FAMILIES = ["mixtral", "qwen_raw", "gpt_oss", "llama4", "kolibri", "deepseek_v2", "deepseek_v3"]
-BIASED = ("deepseek_v3", "kolibri")  # families routed with a choice-only correction bias
+FAMILIES = ["mixtral", "qwen_raw", "gpt_oss", "llama4", "kolibri", "deepseek_v2", "deepseek_v3", "deepseek_v4"]
+BIASED = ("deepseek_v3", "kolibri", "deepseek_v4")  # families routed with a choice-only correction bias
 CONTROL_KINDS = [
     "none", "bias", "disable", "force", "drop", "drop_renorm", "multiplier", "multiplier_renorm",
     "top_p", "top_p_renorm", "rank", "masked_disable", "combined",
@@ -247,6 +248,11 @@ HF_FAMILIES = {
         lambda c: RoutingRule(c.num_experts_per_tok, "sigmoid", renormalize=c.norm_topk_prob,
                               scaling=c.routed_scaling_factor, n_group=c.n_group, topk_group=c.topk_group,
                               group_score="top2_sum"),
+        sorted=False,
+    ),
+    "deepseek_v4": Family(
+        "deepseek_v4", "DeepseekV4Config", "DeepseekV4TopKRouter", "num_local_experts",
+        lambda c: RoutingRule(c.num_experts_per_tok, "sqrtsoftplus", renormalize=True, scaling=c.routed_scaling_factor),
         sorted=False,
     ),
 }
