@@ -20,13 +20,18 @@ import torch
 import moelens
 from benchmarks.common import qwen3_moe_large, random_batch, side_by_side
 from moelens.hooks.adapters import moe_layers
-from moelens.interventions import disable, intervene, reweight
+from moelens.interventions import Intervention, disable, intervene, reweight
 from moelens.interventions.contrast import generate_contrast
 
 
-def _spec(model):
+def _specs(model) -> dict[str, Intervention]:
+    """The same disable + reweight on every token, and scoped to prompt / generated tokens (which
+    routes each token under the controls of its group)."""
     layers = [layer.index for layer in moe_layers(model)]
-    return disable({layers[0]: [0, 1]}) + reweight({layers[-1]: [2]}, 4.0)
+    return {
+        "all tokens": disable({layers[0]: [0, 1]}) + reweight({layers[-1]: [2]}, 4.0),
+        "token-scoped": disable({layers[0]: [0, 1]}, tokens="generated") + reweight({layers[-1]: [2]}, 4.0, tokens="prompt"),
+    }
 
 
 def _interleaved(run, spec, model, repeats: int) -> tuple[float, float]:
@@ -47,8 +52,8 @@ def _interleaved(run, spec, model, repeats: int) -> tuple[float, float]:
 
 def measure(name: str, model, batch, repeats: int, new_tokens: int) -> None:
     """Print the median forward and generate(new_tokens) times of ``batch`` with and without a disable + reweight
-    spec (interleaved runs, ``repeats`` each) and the cost of entering and leaving the block."""
-    spec = _spec(model)
+    spec, on all tokens and token-scoped (interleaved runs, ``repeats`` each), and the cost of entering and
+    leaving the block."""
     pad = model.config.pad_token_id or 0
 
     def forward():
@@ -59,19 +64,20 @@ def measure(name: str, model, batch, repeats: int, new_tokens: int) -> None:
         with torch.no_grad():
             model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    def enter_and_leave():
-        with intervene(model, spec):
-            pass
+    for scope, spec in _specs(model).items():
+        def enter_and_leave(spec=spec):
+            with intervene(model, spec):
+                pass
 
-    forward_plain, forward_steered = _interleaved(forward, spec, model, repeats)
-    generate_plain, generate_steered = _interleaved(generate, spec, model, repeats)
-    setup = side_by_side({"bind": enter_and_leave}, repeats)["bind"]
-    print(
-        f"{name:<34} forward {forward_plain * 1e3:8.1f} ms  steered {forward_steered / forward_plain:.3f}x   "
-        f"generate({new_tokens}) {generate_plain * 1e3:8.1f} ms  steered {generate_steered / generate_plain:.3f}x   "
-        f"(entering + leaving the block: {setup * 1e3:.2f} ms)",
-        flush=True,
-    )
+        forward_plain, forward_steered = _interleaved(forward, spec, model, repeats)
+        generate_plain, generate_steered = _interleaved(generate, spec, model, repeats)
+        setup = side_by_side({"bind": enter_and_leave}, repeats)["bind"]
+        print(
+            f"{name:<34} {scope:<13} forward {forward_plain * 1e3:8.1f} ms  steered {forward_steered / forward_plain:.3f}x   "
+            f"generate({new_tokens}) {generate_plain * 1e3:8.1f} ms  steered {generate_steered / generate_plain:.3f}x   "
+            f"(entering + leaving the block: {setup * 1e3:.2f} ms)",
+            flush=True,
+        )
 
 
 def measure_contrast(model, tokenizer, prompts, repeats: int, new_tokens: int) -> None:
@@ -90,6 +96,30 @@ def measure_contrast(model, tokenizer, prompts, repeats: int, new_tokens: int) -
           f"(greedy {times['greedy'] / new_tokens * 1e3:.1f} ms/token)")
 
 
+def measure_scoped_routing(model, repeats: int, batch: int = 8, tokens: int = 512) -> None:
+    """Print the time to reroute one layer's logits ([batch x tokens, E]) under token-scoped specs
+    relative to the same spec on all tokens (one prefill step; medians, alternating)."""
+    from moelens.hooks.steps import StepTokens
+    from moelens.interventions import top_k
+    from moelens.interventions.apply import bind, reroute
+
+    layer = moe_layers(model)[0]
+    logits = torch.randn(batch * tokens, layer.num_experts, generator=torch.Generator().manual_seed(0))
+    step = StepTokens(None, torch.arange(tokens).expand(batch, tokens), torch.ones(batch, tokens, dtype=torch.bool), 0)
+    disabled = {layer.index: [0, 1]}
+    specs = {
+        "all tokens": disable(disabled),
+        "prompt scope": disable(disabled, tokens="prompt"),
+        "prompt + top_k(1) on generated": disable(disabled, tokens="prompt") + top_k(1, tokens="generated"),
+        "every second position": disable(disabled, tokens=list(range(0, tokens, 2))),
+    }
+    plans = {name: next(p for p in bind(model, spec) if p.layer.index == layer.index) for name, spec in specs.items()}
+    times = side_by_side({name: lambda plan=plan: reroute(plan, logits, step) for name, plan in plans.items()}, repeats * 6)
+    base = times["all tokens"]
+    print(f"rerouting one layer, {batch * tokens} tokens x {layer.num_experts} experts: all tokens {base * 1e3:.2f} ms; "
+          + ", ".join(f"{name} {t / base:.2f}x" for name, t in times.items() if name != "all tokens"))
+
+
 def main() -> None:
     """Print the overhead of interventions and of SCMoE decoding on the benchmark model."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +133,7 @@ def main() -> None:
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     measure("moelens-tiny 8 prompts", model, batch, args.repeats, new_tokens=16)
     measure_contrast(model, tokenizer, prompts, args.repeats, new_tokens=16)
+    measure_scoped_routing(model, args.repeats)
     large = qwen3_moe_large()
     size = (2, 64) if args.quick else (8, 256)
     measure(f"qwen3-moe-large {size[0]}x{size[1]}", large, random_batch(4096, *size), args.repeats, new_tokens=8)
