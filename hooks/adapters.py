@@ -398,6 +398,18 @@ def fill_empty_slots(weights: torch.Tensor, indices: torch.Tensor, num_experts: 
     return torch.where(empty, 0.0, weights), torch.where(empty, indices[:, :1], indices)
 
 
+def null_class_as_empty(logits: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int, empty: int) -> torch.Tensor:
+    """[T, k] ``index`` with the slots a null class took marked ``empty``. A router that scores
+    more classes than there are experts (Zaya's skip expert: logits [T, E + 1]) hands its experts a
+    slot the null class won as some expert with weight 0, since they have no null expert; that slot
+    routed to nothing. Other routers' indices are returned as they are."""
+    import torch
+
+    if logits.shape[-1] <= num_experts:
+        return index
+    return torch.where(weights == 0, empty, index)
+
+
 def filled_slots(indices: np.ndarray, weights: np.ndarray, num_experts: int) -> np.ndarray:
     """[..., k] bool: False on empty slots, i.e. the sentinel index E or a zero-weight repeat of an
     expert already in an earlier slot (what :func:`fill_empty_slots` writes)."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from moelens.errors import TraceError
 from moelens.hooks import routing_check
-from moelens.hooks.adapters import MoeLayer, filled_slots, moe_layers, moe_view
+from moelens.hooks.adapters import MoeLayer, filled_slots, moe_layers, moe_view, null_class_as_empty
 from moelens.hooks.sites import RoutingObserver, sites_of
 from moelens.hooks.steps import StepTokens
 from moelens.store import StoreLayout, Trace, special_token_ids_of, widen_half_floats
@@ -229,7 +229,10 @@ class Tracer(Trace, RoutingObserver):
             return t if t.device == home else t.to(home, non_blocking=True)
 
         # per layer: (logits, weights as float32, indices)
-        outs = [(here(logits), here(weights).float(), here(index)) for logits, index, weights in (step.routing[i] for i in layer_ids)]
+        outs = [
+            (here(logits), here(weights).float(), here(null_class_as_empty(logits, index, weights, layer.num_experts, self._empty_slot)))
+            for layer, (logits, index, weights) in zip(self._moe_layers, (step.routing[i] for i in layer_ids))
+        ]
         # an intervention may give some layers fewer slots (top_k or rank on chosen layers): pad them
         # with empty slots (index E, weight 0, ranked last), which the tables leave out
         slots = max(o[2].shape[-1] for o in outs)

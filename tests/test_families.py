@@ -254,6 +254,36 @@ def test_deepseek_v4_steers_its_learned_layers_and_refuses_its_hash_layers():
     torch.testing.assert_close(seen["weights"].gather(1, got_order), weights.gather(1, want_order))
 
 
+def test_a_router_null_class_is_recorded_as_no_expert():
+    """Zaya's router scores a skip class beside its experts; a slot the skip class wins reaches the
+    experts as expert 0 with weight 0. The trace records no expert there: checked against the
+    selection computed by hand from the router's logits and balancing biases."""
+    model = build_tiny_model("zaya")
+    routers = {layer.index: layer.router for layer in moe_layers(model)}
+    for router in routers.values():
+        router.balancing_biases[-1] = 0.0  # skip often enough to test, not always (its default is -1)
+    logits = {}
+    handles = [r.register_forward_hook(lambda m, a, out, i=i: logits.update({i: out[0].float()})) for i, r in routers.items()]
+    batch = _batch(model)
+    try:
+        with torch.no_grad(), moelens.trace(model) as tracer:
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask = batch["attention_mask"].bool()
+    tokens = [(row, position) for row in range(len(mask)) for position in range(int(mask[row].sum()))]  # real tokens, in order
+    skipped = 0
+    for index, router in routers.items():
+        chosen = (torch.softmax(logits[index], dim=-1) + router.balancing_biases).topk(router.top_k, dim=-1).indices
+        chosen = chosen[mask.reshape(-1)].tolist()  # [real tokens, k]
+        skipped += sum(row.count(router.num_experts) for row in chosen)
+        want = sorted((*token, e) for token, row in zip(tokens, chosen) for e in row if e != router.num_experts)
+        routes = tracer.routes.query("layer == @index")
+        assert sorted(zip(routes["prompt_id"], routes["position"], routes["expert"])) == want, index
+    assert skipped > 0 and len(tracer.routes) > 0
+
+
 def test_coverage_of_the_installed_transformers():
     """Every family that builds is traced and steered, except the listed ones (each with its reason)."""
     reports = family_reports(MODEL_TYPES)
