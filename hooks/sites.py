@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from moelens.errors import UnsupportedModelError
 from moelens.hooks.adapters import (
     MoeLayer,
-    alive,
     dense_routing,
     experts_routing,
     moe_view,
@@ -80,7 +79,9 @@ class Rewriter(Protocol):
 
     def reroute(self, layer: MoeLayer, logits: torch.Tensor, tokens: StepTokens | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, indices) [T, K] for the router's ``logits`` [T, E']; ``tokens`` is the
-        current step's (``None`` outside a step, or when :attr:`needs_steps` is False)."""
+        current step's: ``None`` outside a forward call of the decoder stack (a block called
+        directly, or a layer recomputed in backward under activation checkpointing), or when
+        :attr:`needs_steps` is False."""
         ...
 
 
@@ -91,8 +92,8 @@ class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.probing = 0  # depth of probing() blocks in this thread
         self.tokens: StepTokens | None = None  # the current step's, while the stack's forward runs
-        self.last_tokens: StepTokens | None = None  # the last step's: a checkpointed layer recomputed in backward runs after it
         self.logits: dict[int, torch.Tensor] = {}  # layer -> the router's last logits, until its experts run
+        self.generation = 0  # the sites' generation these belong to (see RoutingSites._state)
 
 
 class RoutingSites:
@@ -103,17 +104,13 @@ class RoutingSites:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = weakref.ref(model)  # weak: the sites are the value of a dict keyed weakly on the model
+        self._view = moe_view(model)  # holds the model's submodules, not the model (the sites outlive no stack)
         self._observers: tuple[RoutingObserver, ...] = ()  # replaced, never mutated: hooks iterate a snapshot
         self._rewriter: Rewriter | None = None
         self._handles: dict[tuple[str, int], Any] = {}  # (hook kind, MoE layer index or -1 for the stack) -> handle
+        self._generation = 0  # + 1 each time the last client leaves
         self._lock = threading.RLock()
         self._thread = _ThreadState()
-
-    @property
-    def model(self) -> nn.Module:
-        """The model (raises ``ReferenceError`` once it no longer exists)."""
-        return alive(self._model)
 
     @contextmanager
     def observing(self, observer: RoutingObserver) -> Iterator[None]:
@@ -145,11 +142,12 @@ class RoutingSites:
     def probing(self) -> Iterator[None]:
         """A forward pass of moelens' own, in this thread: no step or routing is reported and
         nothing is rewritten (other threads' forward calls are unaffected)."""
-        self._thread.probing += 1
+        state = self._thread
+        state.probing += 1
         try:
             yield
         finally:
-            self._thread.probing -= 1
+            state.probing -= 1
 
     # --- installation ----------------------------------------------------------------------
     def _reinstall(self) -> None:
@@ -166,8 +164,16 @@ class RoutingSites:
                 handle.remove()
             self._handles = {}
             raise
-        if not self._handles:  # nothing attached: no step can be running under moelens' hooks
-            self._thread = _ThreadState()
+        if not self._handles:  # nothing attached: what any thread holds of a step is from an earlier attachment
+            self._generation += 1
+
+    def _state(self) -> _ThreadState:
+        """This thread's step state, emptied if it is from before the last client left (a forward
+        interrupted then, e.g. by KeyboardInterrupt, which always-call hooks do not see)."""
+        state = self._thread
+        if state.generation != self._generation:
+            state.tokens, state.logits, state.generation = None, {}, self._generation
+        return state
 
     def _wanted(self) -> dict[tuple[str, int], Callable[[], Any]]:
         """The hooks the current clients need, by key, each with how to register it. Rewrites are
@@ -176,7 +182,7 @@ class RoutingSites:
         rewritten = rewriter.layers if rewriter is not None else frozenset()
         if not observers and not rewritten:
             return {}
-        view = moe_view(self.model)
+        view = self._view
         stack = view.stack
         wanted: dict[tuple[str, int], Callable[[], Any]] = {}
         if observers or (rewriter is not None and rewriter.needs_steps):
@@ -201,15 +207,15 @@ class RoutingSites:
 
     # --- the stack: one step per forward call ------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        thread = self._thread
+        thread = self._state()
         if thread.probing:
             return
-        thread.tokens = thread.last_tokens = StepTokens.from_call(args, kwargs)
+        thread.tokens = StepTokens.from_call(args, kwargs)
         for observer in self._observers:
             observer.begin_step(thread.tokens)
 
     def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
-        thread = self._thread
+        thread = self._state()
         if thread.probing or thread.tokens is None:
             return
         thread.tokens = None
@@ -223,55 +229,54 @@ class RoutingSites:
 
     def _logits_keeper(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self._thread.logits[layer.index] = router_logits(output, layer)
+            self._state().logits[layer.index] = router_logits(output, layer)
 
         return hook
 
     def _routing(
         self, layer: MoeLayer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, consume: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the router's logits, top_k_index, top_k_weights) at an experts module's call. The last
-        hook to read the logits ``consume``s them: a router that did not run before the next
-        call of its experts is then an error, not a stale read."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(the router's logits, top_k_index, top_k_weights) at an experts module's call, or
+        ``None`` when the router's logits were not seen since its experts last ran: the layer is
+        then neither observed nor rewritten in this call. The last hook to read the logits
+        ``consume``s them, so a stale read cannot happen. Two causes, both reported elsewhere: a
+        client attached (from another thread) between this layer's router and its experts, or a
+        block whose forward skips the router; a tracer then finds the layer missing from its step
+        (:class:`~moelens.errors.TraceError`), and the routing check refuses to bind interventions
+        on such a block."""
         routing = experts_routing(args, kwargs)
         if routing is None:
             raise UnsupportedModelError(
                 f"layer {layer.index}: {type(module).__name__} was called without (top_k_index, top_k_weights); "
                 "moelens reads (and replaces) the routing from those arguments"
             )
-        kept = self._thread.logits
-        logits = kept.pop(layer.index, None) if consume else kept.get(layer.index)
-        if logits is None:
-            raise UnsupportedModelError(
-                f"layer {layer.index}: the experts ran but the router {type(layer.router).__name__} did not; the block's "
-                "forward was probably replaced (a hub kernel): load the model with use_kernels=False"
-            )
-        return logits, *routing
-
-    def _step_tokens(self) -> StepTokens | None:
-        """The tokens a rewrite covers: the running step's, else the last one's (gradient
-        checkpointing recomputes layers in backward, after the stack's forward has ended)."""
-        thread = self._thread
-        return thread.tokens if thread.tokens is not None else thread.last_tokens
+        thread = self._state()
+        logits = thread.logits.pop(layer.index, None) if consume else thread.logits.get(layer.index)
+        return None if logits is None else (logits, *routing)
 
     def _reroute_hook(self, layer: MoeLayer) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            rewriter = self._rewriter
-            if self._thread.probing or rewriter is None:
+            rewriter, thread = self._rewriter, self._state()
+            if thread.probing or rewriter is None:
                 return None
-            logits, _, weights = self._routing(layer, module, args, kwargs, consume=not self._observers)
-            new_weights, new_index = rewriter.reroute(layer, logits, self._step_tokens())
+            routing = self._routing(layer, module, args, kwargs, consume=not self._observers)
+            if routing is None:
+                return None
+            logits, _, weights = routing
+            new_weights, new_index = rewriter.reroute(layer, logits, thread.tokens)
             return with_experts_routing(args, kwargs, new_index, new_weights.to(weights.dtype))
 
         return hook
 
     def _experts_observer(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._thread.probing:
-                self._thread.logits.pop(layer.index, None)
+            thread = self._state()
+            if thread.probing:
+                thread.logits.pop(layer.index, None)
                 return
-            logits, index, weights = self._routing(layer, module, args, kwargs, consume=True)
-            self._report(layer, logits, index, weights)
+            routing = self._routing(layer, module, args, kwargs, consume=True)
+            if routing is not None:
+                self._report(layer, *routing)
 
         return hook
 
@@ -279,28 +284,31 @@ class RoutingSites:
         """Dense-score routers (Llama 4): replace the score matrix the block applies to the experts."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            rewriter = self._rewriter
-            if self._thread.probing or rewriter is None:
+            rewriter, thread = self._rewriter, self._state()
+            if thread.probing or rewriter is None:
                 return None
-            weights, index = rewriter.reroute(layer, router_logits(output, layer), self._step_tokens())
+            weights, index = rewriter.reroute(layer, router_logits(output, layer), thread.tokens)
             return with_dense_routing(output, index, weights)
 
         return hook
 
     def _dense_observer(self, layer: MoeLayer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._thread.probing:
+            if not self._state().probing:
                 self._report(layer, router_logits(output, layer), *dense_routing(output, layer))
 
         return hook
 
 
+# keyed by the decoder stack, not the model object: a causal-LM wrapper and its base model share it
 _SITES: weakref.WeakKeyDictionary[Any, RoutingSites] = weakref.WeakKeyDictionary()
 
 
 def sites_of(model: nn.Module) -> RoutingSites:
-    """The observation sites of ``model`` (one per model object, created on first use)."""
-    sites = _SITES.get(model)
+    """The observation sites of ``model``'s decoder stack (one per stack, created on first use;
+    ``model`` and ``model.model`` get the same)."""
+    stack = moe_view(model).stack
+    sites = _SITES.get(stack)
     if sites is None:
-        sites = _SITES[model] = RoutingSites(model)
+        sites = _SITES[stack] = RoutingSites(model)
     return sites

@@ -15,6 +15,7 @@ was, also when the body raised.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 def active_intervention(model: nn.Module) -> Intervention | None:
     """The combination of interventions currently applied to ``model`` (``None`` if none)."""
-    session = _SESSIONS.get(model)
+    session = _SESSIONS.get(moe_view(model).stack)
     if session is None or not session.entries:
         return None
     combined = Intervention()
@@ -309,13 +310,21 @@ def _compile(layer: MoeLayer, rule: RoutingRule, parts: list[Part]) -> tuple[Rou
             "keep at least top-k experts (or use mode='drop')"
         )
     if "rank" in settings:
-        # a token with fewer eligible experts than rank + 1 would get no expert at all: its one slot empty
-        open_experts = rule.topk_group * (num_experts // rule.n_group) if rule.n_group > 1 else num_experts
-        fewest = open_experts - int(disable.sum())
+        # a token with fewer eligible experts than rank + 1 would get no expert at all: its one slot empty.
+        # Group-limited rules open a token's best topk_group groups; a group with no eligible expert
+        # is never chosen ahead of one with some, so the fewest a token can have is the sum of the
+        # topk_group smallest non-zero group counts
+        eligible = ~disable
+        if rule.n_group > 1:
+            per_group = eligible.view(rule.n_group, -1).sum(dim=1)
+            fewest = int(per_group[per_group > 0].sort().values[: rule.topk_group].sum())
+        else:
+            fewest = int(eligible.sum())
         if settings["rank"] >= fewest:
             raise SpecError(
                 f"rank: rank {settings['rank']} in layer {index} needs {settings['rank'] + 1} eligible experts per token, "
-                f"but a token may have as few as {fewest} ({open_experts} experts open to it, {int(disable.sum())} disabled); "
+                f"but a token may have as few as {fewest} ({int(disable.sum())} of {num_experts} experts disabled"
+                f"{', routing within ' + str(rule.topk_group) + ' of ' + str(rule.n_group) + ' groups' if rule.n_group > 1 else ''}); "
                 f"use a rank below {fewest} (rank counts from 0)"
             )
     both = (force & (disable | drop)).nonzero().flatten().tolist()
@@ -388,8 +397,9 @@ def _routed(plan: LayerPlan, logits: torch.Tensor, step: StepTokens | None) -> t
     if step is None:
         raise SpecError(
             f"layer {plan.layer.index}: a token- or row-scoped intervention needs the step's tokens, but the layer ran "
-            "outside a forward call of the model's decoder stack (a block called directly); call the model, or "
-            "apply the intervention to all tokens (tokens='all', no rows=)"
+            "outside a forward call of the model's decoder stack: a block called directly, or a layer recomputed "
+            "during backward under activation checkpointing (which step it belongs to is not known there). Call the "
+            "model, disable activation checkpointing, or apply the intervention to all tokens (tokens='all', no rows=)"
         )
     segments = _row_segments(plan.groups, step)
     if segments is not None:  # every token routed once, under the controls of its row segment
@@ -505,39 +515,53 @@ class _Session:
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)  # weak: the session is the value of a dict keyed weakly on the model
         self.entries: list[_Entry] = []
+        self._lock = threading.RLock()  # a widget's worker thread may enter or leave a block meanwhile
 
     @property
     def model(self) -> nn.Module:
         return alive(self._model)
 
+    @property
+    def gone(self) -> bool:
+        """Whether the model object this session was made for no longer exists."""
+        return self._model() is None
+
     def push(self, entry: _Entry) -> None:
-        plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
-        self.entries.append(entry)
-        try:
-            self._install(plans)
-        except BaseException:
-            self.pop(entry)
-            raise
+        with self._lock:
+            plans = _bind(self.model, [*self.entries, entry])  # raises before anything changes
+            self.entries.append(entry)
+            try:
+                self._install(plans)
+            except BaseException:
+                self._end_all()
+                raise
 
     def pop(self, entry: _Entry) -> None:
-        self.entries = [e for e in self.entries if e is not entry]
-        try:
-            plans = _bind(self.model, self.entries) if self.entries else []
-        except SpecError as error:
-            # the model changed inside the blocks (e.g. its routers were trained): what is left no
-            # longer binds. Nothing may stay steered by the leaving block, so every block ends here.
-            self.entries = []
-            self._install([])
-            raise SpecError(
-                f"leaving an intervene block: the interventions still active no longer fit the model ({error}); "
-                "all intervene blocks on this model are now inactive"
-            ) from error
-        self._install(plans)
+        with self._lock:
+            self.entries = [e for e in self.entries if e is not entry]
+            try:
+                self._install(_bind(self.model, self.entries) if self.entries else [])
+            except SpecError as error:
+                # the model changed inside the blocks (e.g. its routers were trained): what is left
+                # no longer binds. Nothing may stay steered by the leaving block: every block ends.
+                self._end_all()
+                raise SpecError(
+                    f"leaving an intervene block: the interventions still active no longer fit the model ({error}); "
+                    "all intervene blocks on this model are now inactive"
+                ) from error
+            except BaseException:
+                self._end_all()
+                raise
+
+    def _end_all(self) -> None:
+        self.entries = []
+        self._install([])
 
     def _install(self, plans: list[LayerPlan]) -> None:
         sites_of(self.model).rewrite(_Rerouting({plan.layer.index: plan for plan in plans}) if plans else None)
 
 
+# keyed by the decoder stack, as the sites are: a causal-LM wrapper and its base model share one session
 _SESSIONS: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
 
 
@@ -558,9 +582,10 @@ def intervene(model: nn.Module, spec: Intervention, *, rows: slice | None = None
     with an active block (two top-p values for the same tokens).
     """
     entry = _Entry(spec, _rows(rows))
-    session = _SESSIONS.get(model)
-    if session is None:
-        session = _SESSIONS[model] = _Session(model)
+    stack = moe_view(model).stack
+    session = _SESSIONS.get(stack)
+    if session is None or session.gone:
+        session = _SESSIONS[stack] = _Session(model)
     session.push(entry)
     try:
         yield spec
