@@ -104,7 +104,7 @@ class RoutingSites:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._view = moe_view(model)  # holds the model's submodules, not the model (the sites outlive no stack)
+        self._view = moe_view(model)  # submodules only, never the model object: the sites do not keep it alive
         self._observers: tuple[RoutingObserver, ...] = ()  # replaced, never mutated: hooks iterate a snapshot
         self._rewriter: Rewriter | None = None
         self._handles: dict[tuple[str, int], Any] = {}  # (hook kind, MoE layer index or -1 for the stack) -> handle
