@@ -235,15 +235,37 @@ def route_triton(
             "the Triton routing kernel got CPU tensors without the interpreter; set TRITON_INTERPRET=1 "
             "before triton is imported, or use impl='torch'"
         )
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
     weights = torch.empty(num_tokens, k_out, dtype=torch.float32, device=logits.device)
     indices = torch.empty(num_tokens, k_out, dtype=torch.int64, device=logits.device)
     if num_tokens == 0:
         return weights, indices
+    arguments, constants = kernel_arguments(
+        logits, rule, correction_bias=correction_bias, controls=c, token_mask=token_mask, out=(weights, indices), block_t=block_t
+    )
+    _routing_kernel[(triton.cdiv(num_tokens, constants["BLOCK_T"]),)](*arguments, **constants)
+    return weights, indices
+
+
+def kernel_arguments(
+    logits: Tensor,
+    rule: RoutingRule,
+    *,
+    correction_bias: Tensor | None,
+    controls: RoutingControls,
+    token_mask: Tensor | None,
+    out: tuple[Tensor, Tensor],
+    block_t: int | None = None,
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """The kernel's runtime arguments (in order; ``None`` for an absent vector) and its constexprs
+    for one call: what :func:`route_triton` launches, and what the ahead-of-time build test
+    (``tests/aot_triton.py``) compiles. ``out``: the (weights, indices) [T, K] outputs."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_tokens, num_experts = logits.shape
+    weights, indices = out
+    k_out = weights.shape[1]
     block_e = triton.next_power_of_2(num_experts)
-    block_t = block_t or max(1, min(triton.next_power_of_2(num_tokens), TILE_ELEMENTS // block_e))
-    select, multiplier, drop = c.select, c.multiplier, c.drop
+    select, multiplier, drop = controls.select, controls.multiplier, controls.drop
     rank, top_p, renormalize_on = 0, 1.0, rule.renormalize
     if isinstance(select, RankSelect):
         mode, slots_on, rank = MODE_RANK.value, 1, select.rank
@@ -252,14 +274,16 @@ def route_triton(
         top_p, renormalize_on = select.p, select.renormalize
     else:
         mode, slots_on = MODE_TOP_K.value, rule.top_k
-    _routing_kernel[(triton.cdiv(num_tokens, block_t),)](
+    arguments = (
         logits, logits.stride(0),
-        _floats(correction_bias), _floats(c.logit_bias), _floats(multiplier.factors if multiplier else None),
-        _bytes(c.disable), _bytes(c.force), _bytes(drop.experts if drop else None),
+        _floats(correction_bias), _floats(controls.logit_bias), _floats(multiplier.factors if multiplier else None),
+        _bytes(controls.disable), _bytes(controls.force), _bytes(drop.experts if drop else None),
         _bytes(token_mask),
         weights, indices,
-        num_tokens, num_experts, rule.top_k, int(c.force.sum()) if c.force is not None else 0,
+        num_tokens, num_experts, rule.top_k, int(controls.force.sum()) if controls.force is not None else 0,
         slots_on, rank, float(rule.scaling), float(top_p),
+    )
+    constants = dict(
         SOFTMAX=rule.score == "softmax", SQRT_SOFTPLUS=rule.score == "sqrtsoftplus", SELECT_BEFORE_SCORE=rule.select_before_score,
         RENORMALIZE=rule.renormalize,
         RENORMALIZE_ON=renormalize_on,
@@ -267,10 +291,11 @@ def route_triton(
         GROUP_TOP2=rule.group_score == "top2_sum",
         MODE=mode, MULTIPLIER_RENORMALIZE=bool(multiplier and multiplier.renormalize),
         DROP_RENORMALIZE=bool(drop and drop.renormalize),
-        K_OUT=k_out, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k_out),
+        K_OUT=k_out, BLOCK_T=block_t or max(1, min(triton.next_power_of_2(num_tokens), TILE_ELEMENTS // block_e)),
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k_out),
         BLOCK_G=triton.next_power_of_2(rule.n_group), SLOT_UNROLL=slot_unroll(k_out),
     )
-    return weights, indices
+    return arguments, constants
 
 
 def slot_unroll(k_out: int) -> int:
