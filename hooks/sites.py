@@ -6,7 +6,8 @@ output carries the logits) and its *experts* module (whose forward receives ``to
 of it is a *step*, whose token bookkeeping (:class:`~moelens.hooks.steps.StepTokens`) is read once
 here and shared.
 
-Two kinds of clients attach to a model's :class:`RoutingSites` (:func:`sites_of`, one per model):
+Two kinds of clients attach to a model's :class:`RoutingSites` (:func:`sites_of`, one per decoder
+stack, so a causal-LM wrapper and its base model share them):
 
 * **observers** (:class:`RoutingObserver`, any number: tracers) are told when a step begins, the
   routing every MoE layer used in it, and when it ends;

@@ -78,8 +78,8 @@ class TopPSelect:
 
     p: in (0, 1]; 1 keeps every eligible expert. max_k: cap on the prefix length in [1, E]; None = no cap (every
     expert, as in the paper). Weights are softmax probabilities or, for per-expert scores (sigmoid, sqrt(softplus)),
-    each expert's share of the eligible score mass. renormalize: replaces rule.renormalize for these tokens (False: raw probabilities, the
-    paper's).
+    each expert's share of the eligible score mass. renormalize: replaces rule.renormalize for these tokens (False:
+    raw probabilities, the paper's).
     """
 
     p: float

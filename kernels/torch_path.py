@@ -110,7 +110,7 @@ def _route(
         # select-before-score rules with a bias (Kolibri): the bias steers the choice, not the weights
         choice = x if correction_bias is None else x + correction_bias.float()
     else:
-        scores = _score(x, rule)
+        scores = score_of(x, rule.score)
         choice_shift = correction_bias.float() if correction_bias is not None else None
         if prep.disabled_inf is not None:  # sigmoid(-inf) + bias would still be finite
             choice_shift = prep.disabled_inf if choice_shift is None else choice_shift + prep.disabled_inf
@@ -200,10 +200,6 @@ def _softmax_over_slots(t: Tensor) -> Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
-def _score(x: Tensor, rule: RoutingRule) -> Tensor:
-    return score_of(x, rule.score)
-
-
 def _limit_to_best_groups(choice: Tensor, rule: RoutingRule, *, has_ineligible: bool) -> Tensor:
     """-inf outside each token's best `topk_group` groups; masks a [T, G, E/G] view instead of scattering."""
     num_tokens, num_experts = choice.shape
@@ -234,7 +230,7 @@ def _beyond_top_p(
     exceeds p, [T, 1] the eligible experts' score mass)."""
     num_experts = x.shape[1]
     if scores is None:
-        scores = _score(x, rule)
+        scores = score_of(x, rule.score)
     eligible_mass = scores.masked_fill(choice == NEG_INF, 0.0).sum(dim=-1, keepdim=True)
     picked = scores.gather(1, indices.clamp(max=num_experts - 1)).masked_fill_(indices == num_experts, 0.0)
     mass = (picked / eligible_mass).cumsum(dim=-1)
