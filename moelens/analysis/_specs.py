@@ -43,12 +43,12 @@ def first_rows(table: pd.DataFrame, n: int) -> dict[int, list[int]]:
     return by_layer(table.head(n))
 
 
-def disable_builders(*, renormalize: bool | None = None) -> dict[str, Callable[..., Intervention]]:
+def disable_builders(*, renormalize: bool = False) -> dict[str, Callable[..., Intervention]]:
     """The ``"drop"`` and ``"reroute"`` builders for :func:`build`: ``disable(experts, mode=Drop(renormalize=...))``
-    (``Drop()``, its default, when ``renormalize`` is ``None``) and ``disable(experts, mode="reroute")``."""
+    and ``disable(experts, mode="reroute")``."""
     from moelens import interventions
 
-    drop = interventions.Drop() if renormalize is None else interventions.Drop(renormalize=renormalize)
+    drop = interventions.Drop(renormalize=renormalize)
     return {
         "drop": lambda experts, **o: interventions.disable(experts, mode=drop, **o),
         "reroute": lambda experts, **o: interventions.disable(experts, mode="reroute", **o),
